@@ -5,15 +5,15 @@
 # %% auto #0
 __all__ = ['resize_images', 'extract_features', 'FeatureBank', 'feature_bytes']
 
-# %% ../nbs/04_features.ipynb #32720c8e
-import math, time
+# %% ../nbs/04_features.ipynb #cf2c4c2a
+import math, os, time
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# %% ../nbs/04_features.ipynb #8ed310a2
+# %% ../nbs/04_features.ipynb #b105dc28
 def resize_images(images:torch.Tensor, # (N, 3, H, W) float images
                   size:int,             # the side r of the square input
                  ) -> torch.Tensor:     # (N, 3, r, r)
@@ -23,7 +23,7 @@ def resize_images(images:torch.Tensor, # (N, 3, H, W) float images
     if images.shape[-2:] == (size, size): return images
     return F.interpolate(images, size=(int(size), int(size)), mode='bilinear', align_corners=False)
 
-# %% ../nbs/04_features.ipynb #f201aabd
+# %% ../nbs/04_features.ipynb #1156041f
 def _image_batches(images, size, batch_size):
     "Yield resized image batches from a tensor (N,3,H,W) or from a dataset whose items start with an image."
     if isinstance(images, torch.Tensor):
@@ -37,7 +37,7 @@ def _image_batches(images, size, batch_size):
         if len(batch) == batch_size: yield torch.stack(batch); batch = []
     if batch: yield torch.stack(batch)
 
-# %% ../nbs/04_features.ipynb #29d0863b
+# %% ../nbs/04_features.ipynb #09434e67
 @torch.no_grad()
 def extract_features(extractor:nn.Module, # frozen feature extractor with `.out_channels` and `.stride`
                      images,                # (N, 3, H, W) tensor, or a dataset of (image, ...) items
@@ -60,18 +60,23 @@ def extract_features(extractor:nn.Module, # frozen feature extractor with `.out_
         if out is None:
             shape = (n,) + tuple(fb.shape[1:])
             if out_path is None: out = torch.empty(shape, dtype=dtype)
-            else:
+            else:   # written under a temporary name, renamed only once complete: an interrupted run leaves no half file
                 Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-                mm = np.lib.format.open_memmap(str(out_path), mode='w+', dtype=np.float16 if half else np.float32, shape=shape)
+                partial = Path(out_path).with_name(Path(out_path).name + '.partial')
+                mm = np.lib.format.open_memmap(str(partial), mode='w+', dtype=np.float16 if half else np.float32, shape=shape)
                 out = torch.from_numpy(mm)
         out[done:done+len(fb)] = fb
         done += len(fb)
         if progress: print(f"\rfeatures @{size}px: {done}/{n} images, {time.time()-t0:.1f}s", end='', flush=True)
     if progress: print()
     extractor.train(was_training)
+    if out_path is not None:
+        mm.flush(); del out, mm
+        os.replace(partial, out_path)
+        out = torch.from_numpy(np.load(out_path, mmap_mode='r+'))
     return out
 
-# %% ../nbs/04_features.ipynb #9a382de6
+# %% ../nbs/04_features.ipynb #be390a30
 class FeatureBank:
     "Features of one image set at every input scale of the schedule, extracted once on first use."
     def __init__(self, extractor:nn.Module, images, scales, batch_size:int=64, half:bool=False,
@@ -101,7 +106,7 @@ class FeatureBank:
         mb = {s: round(b / 2**20, 1) for s, b in self.nbytes().items()}
         return f"FeatureBank(scales={self.scales}, half={self.half}, MiB per extracted scale={mb})"
 
-# %% ../nbs/04_features.ipynb #496b78d7
+# %% ../nbs/04_features.ipynb #d5f5e359
 def feature_bytes(n_images:int, channels:int, scales, stride:int=8, half:bool=False) -> dict:
     "Bytes needed to store features of `n_images` at each input scale (square inputs)."
     return {int(s): n_images * channels * math.ceil(s / stride)**2 * (2 if half else 4) for s in scales}

@@ -6,7 +6,7 @@
 __all__ = ['MiningConfig', 'object_index', 'image_masks', 'MiningState', 'batch_indices', 'fit_modulator', 'MultiMiner',
            'MiningResult']
 
-# %% ../nbs/05_mining.ipynb #bcaf8920
+# %% ../nbs/05_mining.ipynb #bcbc0e6b
 import copy, time, os
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .core import region_map, mask_features, size_regularizer, generator_loss, merge_region_maps, input_scale
 from .models import CategoryAwareGenerator
 
-# %% ../nbs/05_mining.ipynb #8ad23523
+# %% ../nbs/05_mining.ipynb #47708d82
 @dataclass
 class MiningConfig:
     "Hyperparameters of Algorithm 1. `voc()` holds the paper's values (Sec. 4.1); `synthetic()` a CPU preset."
@@ -35,6 +35,7 @@ class MiningConfig:
     region_threshold: float = 0.5        # a position counts as mined where M < region_threshold
     min_region: float = 0.01             # M_j^t "contains object regions" if >= this fraction is mined ...
     stop_threshold: float = 0.5          # ... and the modulator still recognises object j in F^t with p >= this
+    adversary: str = 'object'            # 'object': M~_j masks F^t for j's own classifier; 'joint': Eq. 4's min over all j
     half_features: bool = False          # store features in float16
     keep_step_maps: int = 0              # keep the per-step maps of the first n images (-1: all) for figures
     seed: int = 0
@@ -52,6 +53,7 @@ class MiningConfig:
             if not 0 <= v <= 1: raise ValueError(f"MiningConfig: {name} must be in [0, 1], got {v}")
         if self.lam < 0: raise ValueError(f"MiningConfig: lam must be >= 0, got {self.lam}")
         if self.optimizer not in ('sgd', 'adam'): raise ValueError(f"MiningConfig: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.adversary not in ('object', 'joint'): raise ValueError(f"MiningConfig: adversary must be 'object' or 'joint', got {self.adversary!r}")
 
     @classmethod
     def voc(cls, **kw):
@@ -69,13 +71,13 @@ class MiningConfig:
     def scale(self, t): return input_scale(t, self.scales)
     def batch_size(self, t): return self.batch_sizes[min(t, len(self.scales)) - 1]
 
-# %% ../nbs/05_mining.ipynb #433d34df
+# %% ../nbs/05_mining.ipynb #83bb6d88
 def object_index(labels:torch.Tensor) -> torch.Tensor:
     "The objects of a labelled image set: one (image, class) row per positive label, (n_obj, 2) long."
     if labels.ndim != 2: raise ValueError(f"object_index: labels must be (N, C) multi-hot, got shape {tuple(labels.shape)}")
     return (labels > 0.5).nonzero()
 
-# %% ../nbs/05_mining.ipynb #3fdb4d4e
+# %% ../nbs/05_mining.ipynb #92563b92
 def image_masks(pool:torch.Tensor,     # (n_obj, h, w) running minimum of each object's stored maps
                 objects:torch.Tensor,  # (n_obj, 2) image and class index of each object
                 n_images:int) -> torch.Tensor:  # (N, 1, h, w)
@@ -91,7 +93,7 @@ def _resize_maps(m, size):
     if tuple(m.shape[-2:]) == tuple(size): return m
     return F.interpolate(m[:, None], size=tuple(size), mode='bilinear', align_corners=False)[:, 0]
 
-# %% ../nbs/05_mining.ipynb #2c697d99
+# %% ../nbs/05_mining.ipynb #f676a4f9
 @dataclass
 class MiningState:
     "Everything Algorithm 1 carries from one step to the next; saved after every step."
@@ -103,7 +105,7 @@ class MiningState:
     history: list = field(default_factory=list)
     step_maps: list = field(default_factory=list)   # per step, for the kept images: uint8 maps, stored flags
 
-# %% ../nbs/05_mining.ipynb #88e0ba54
+# %% ../nbs/05_mining.ipynb #706d1d0a
 def batch_indices(n:int, batch_size:int, rng:torch.Generator) -> list:
     "A shuffled split of range(n) into batches, drawn from `rng` (so a resumed run draws the same)."
     perm = torch.randperm(n, generator=rng)
@@ -122,7 +124,7 @@ def fit_modulator(modulator:nn.Module, opt, feats:torch.Tensor, masks:torch.Tens
             tot, n = tot + loss.item() * len(idx), n + len(idx)
     return tot / max(n, 1)
 
-# %% ../nbs/05_mining.ipynb #5bb0fadd
+# %% ../nbs/05_mining.ipynb #6825639b
 class MultiMiner:
     "Object-adaptive region mining (Algorithm 1) over precomputed features, with the multi-scale schedule (Eq. 8)."
     def __init__(self, modulator:nn.Module, cfg:MiningConfig, generator:nn.Module=None, device='cpu'):
@@ -143,24 +145,29 @@ class MultiMiner:
         "F^t for the images `idx` (Eq. 1): their features times the minimum of their pooled maps."
         return mask_features(feats[idx].to(self.device, torch.float32), masks[idx].to(self.device))
 
-# %% ../nbs/05_mining.ipynb #54f4b9c1
+# %% ../nbs/05_mining.ipynb #6907168e
 @patch
 def train_modulator(self:MultiMiner, feats, masks, labels, bs):
     "Stage 1 (Alg. 1, lines 3–6): θ_g frozen, minimise L_m (Eq. 2) for n_m epochs."
     self.generator.requires_grad_(False)
     return fit_modulator(self.modulator, self.opt_m, feats, masks, labels, self.cfg.n_m, bs, self.rng, self.device)
 
-# %% ../nbs/05_mining.ipynb #b3a29380
+# %% ../nbs/05_mining.ipynb #d3851008
 @patch
 def generator_step_loss(self:MultiMiner, Ft, y):
     "L_g of Eq. 6 on one batch of F^t with multi-hot labels `y`, and its two terms."
     Mt = region_map(self.generator(Ft), self.cfg.eps)                    # M~_j^t, Eq. 3
     pos = y > 0.5
-    # Eq. 4 over the image's own categories: maps of absent categories are 1 (mine nothing)
-    Ftil = mask_features(Ft, torch.where(pos[..., None, None], Mt, torch.ones_like(Mt)))
-    logits = self.modulator(Ftil)
-    # L_cls(F~^t) on the positive categories
-    cls = F.binary_cross_entropy_with_logits(logits[pos], torch.ones_like(logits[pos])) if pos.any() else logits.sum() * 0
+    if self.cfg.adversary == 'joint':
+        # Eq. 4 as printed, over the image's own categories (absent categories' maps set to 1)
+        logits = self.modulator(mask_features(Ft, torch.where(pos[..., None, None], Mt, torch.ones_like(Mt))))
+        s = logits[pos]
+    else:
+        # one region miner per object (Sec. 3.3): M~_j masks F^t for category j's own binary classifier
+        b, j = pos.nonzero(as_tuple=True)
+        s = self.modulator(mask_features(Ft[b], Mt[b, j][:, None]))[torch.arange(len(b)), j]
+    # L_cls(F~^t) on the positive categories: the generator wins when the modulator stops recognising them
+    cls = F.binary_cross_entropy_with_logits(s, torch.ones_like(s)) if len(s) else Mt.sum() * 0
     reg = size_regularizer(Mt, y, normalize=self.cfg.normalize_reg)      # L_reg, Eq. 5
     return generator_loss(cls, reg, self.cfg.lam), cls.detach(), reg.detach()
 
@@ -179,7 +186,7 @@ def train_generator(self:MultiMiner, feats, masks, labels, bs):
     self.modulator.requires_grad_(True)
     return {k: v / max(n, 1) for k, v in tot.items()}
 
-# %% ../nbs/05_mining.ipynb #a2d2c153
+# %% ../nbs/05_mining.ipynb #3ff73aee
 @patch
 @torch.no_grad()
 def generate(self:MultiMiner, feats, masks, objects, bs):
@@ -200,7 +207,7 @@ def generate(self:MultiMiner, feats, masks, objects, bs):
         maps[sel], probs[sel] = M[row[o[:, 0]], o[:, 1]], p[row[o[:, 0]], o[:, 1]]
     return maps, probs
 
-# %% ../nbs/05_mining.ipynb #84cb4dd2
+# %% ../nbs/05_mining.ipynb #ce1d017f
 @patch
 def step(self:MultiMiner, bank, labels, progress=False):
     "Run mining step t = state.t + 1 (Alg. 1, lines 3–15) and update the state in place."
@@ -245,7 +252,7 @@ def _kept_objects(self:MultiMiner):
     objs = self.state.objects
     return torch.arange(len(objs)) if n < 0 else (objs[:, 0] < n).nonzero()[:, 0]
 
-# %% ../nbs/05_mining.ipynb #9920e713
+# %% ../nbs/05_mining.ipynb #e4b13824
 @patch
 def init_state(self:MultiMiner, bank, labels):
     "Empty pools (all-ones maps: nothing mined) and every object active."
@@ -268,8 +275,8 @@ def run(self:MultiMiner, bank, labels, out_dir=None, resume:bool=False, progress
     else: self.state = self.init_state(bank, labels)
     while self.state.t < self.cfg.max_steps and self.state.active.any():
         self.step(bank, labels, progress)
+        if callback is not None: callback(self)   # before saving: what it adds to the step's record is kept
         if ckpt is not None: self.save(ckpt)
-        if callback is not None: callback(self)
     if progress:
         hist = dict(zip(*[v.tolist() for v in self.state.steps.unique(return_counts=True)]))
         print(f"mining finished after {self.state.t} steps; objects per number of steps: {hist}")
@@ -297,7 +304,7 @@ def load(self:MultiMiner, path):
     self.rng.set_state(blob['rng']); torch.set_rng_state(blob['torch_rng'])
     self.state = MiningState(**blob['state'])
 
-# %% ../nbs/05_mining.ipynb #51a30b97
+# %% ../nbs/05_mining.ipynb #c7a8da43
 @patch
 def result(self:MultiMiner, n_images, n_classes):
     st = self.state

@@ -1,0 +1,155 @@
+"The `multiminer` command: exit codes and messages, and every stage end to end on tiny synthetic and VOC-fixture data."
+import contextlib, io, json, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multiminer.cli import main, load_mining_result, read_run, _ordered_map
+from multiminer.data import make_voc_fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(*argv):
+    "Exit code, stdout and stderr of `multiminer *argv`, run in this process."
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: code = main([str(a) for a in argv])
+        except SystemExit as e: code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_module_entry_point_exit_codes(tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'multiminer.cli', '--help'], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0 and 'train-classifier' in r.stdout
+    r = subprocess.run([sys.executable, '-m', 'multiminer.cli', 'demo', '--image-size', '100', '--out',
+                        str(tmp_path/'d')], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == 'multiminer demo: error: --image-size must be a multiple of 8 (the extractors\' output stride), got 100'
+    assert not (tmp_path/'d').exists()
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['train-seg', '--pseudo', 'p', '--out', 'o', '--model', 'unet'], "invalid choice: 'unet'"),
+    (['train-seg', '--pseudo', 'p', '--out', 'o', '--preset', 'coco'], "invalid choice: 'coco'"),
+    (['train-classifier', '--data', 'synthetic', '--n-images', '-4', '--out', 'o'], 'must be an integer >= 2'),
+    (['train-classifier', '--data', 'synthetic', '--epochs', '0', '--out', 'o'], 'must be an integer >= 1'),
+    (['pseudo-labels', '--mining', 'm', '--out', 'o', '--bg-threshold', '1.5'], 'must be a number in (0, 1)'),
+    (['evaluate', '--seg', 's', '--device', 'gpu'], "must be 'cpu' or 'cuda'"),
+    (['mine', '--out', 'o'], 'the following arguments are required: --classifier'),
+    (['demo', '--n-classes', '1'], 'multiminer demo: error: --n-classes'),
+    (['demo', '--device', 'tpu'], 'multiminer demo: error: --device'),
+])
+def test_bad_values_exit_2(argv, needle):
+    code, out, err = run_cli(*argv)
+    assert code == 2 and needle in err, err
+
+
+def test_missing_voc_root_exit_2(tmp_path):
+    code, out, err = run_cli('train-classifier', '--preset', 'voc', '--voc-root', tmp_path/'nowhere', '--out', tmp_path/'c')
+    assert code == 2 and out == ''
+    assert err.startswith("multiminer train-classifier: error: PASCAL VOC 2012 data for split 'train_aug' not found")
+    assert 'Traceback' not in err and not (tmp_path/'c').exists()
+    # incomplete: VOC without SBD
+    make_voc_fixture(tmp_path/'D')
+    import shutil; shutil.rmtree(tmp_path/'D'/'benchmark_RELEASE')
+    code, _, err = run_cli('train-classifier', '--voc-root', tmp_path/'D', '--out', tmp_path/'c')
+    assert code == 2 and 'benchmark_RELEASE' in err
+    code, _, err = run_cli('evaluate', '--preset', 'voc', '--seg', tmp_path/'none')
+    assert code == 2 and 'has no model.pt' in err
+
+
+def test_synthetic_chain(tmp_path):
+    syn = ['--data', 'synthetic', '--n-images', 24, '--image-size', 32, '--quiet']
+    assert run_cli('train-classifier', *syn, '--epochs', 1, '--out', tmp_path/'c')[0] == 0
+    code, _, err = run_cli('train-classifier', *syn, '--epochs', 1, '--out', tmp_path/'c')
+    assert code == 2 and '--resume' in err          # never overwrites a checkpoint
+    assert run_cli('mine', '--classifier', tmp_path/'c', '--out', tmp_path/'m', '--max-steps', 1, '--quiet')[0] == 0
+    res, extra = load_mining_result(tmp_path/'m')
+    assert extra['labels'].shape == (24, 4) and res.steps.max() == 1
+    # resuming a finished mining run with a larger cap continues it
+    code, out, _ = run_cli('mine', '--classifier', tmp_path/'c', '--out', tmp_path/'m', '--max-steps', 2, '--resume', '--quiet')
+    assert code == 0 and len(load_mining_result(tmp_path/'m')[0].history) == 2
+    code, out, _ = run_cli('pseudo-labels', '--mining', tmp_path/'m', '--out', tmp_path/'p', '--quiet')
+    assert code == 0 and 'mIoU' in out
+    pm = torch.load(tmp_path/'p'/'pseudo_masks.pt')
+    assert pm.shape == (24, 32, 32) and int(pm.max()) <= 4
+    assert read_run(tmp_path/'p')['data'] == dict(kind='synthetic', n_images=24, n_classes=4, image_size=32, seed=0)
+    assert run_cli('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1, '--quiet')[0] == 0
+    code, out, _ = run_cli('evaluate', '--seg', tmp_path/'s', '--n-val', 8, '--quiet')
+    assert code == 0 and out.startswith('mIoU')
+    ev = json.loads((tmp_path/'s'/'eval_val.json').read_text())
+    assert ev['n_images'] == 8 and len(ev['iou_per_class']) == 5 and 0 <= ev['miou'] <= 100
+
+
+def test_voc_fixture_chain(tmp_path):
+    make_voc_fixture(tmp_path/'DATA')
+    voc = ['--preset', 'synthetic', '--data', 'voc', '--voc-root', tmp_path/'DATA', '--image-size', 32, '--quiet']
+    assert run_cli('train-classifier', *voc, '--epochs', 1, '--workers', 0, '--out', tmp_path/'c')[0] == 0
+    assert run_cli('mine', '--classifier', tmp_path/'c', '--out', tmp_path/'m', '--max-steps', 1, '--quiet')[0] == 0
+    feats = sorted((tmp_path/'m'/'features').glob('*.npy'))
+    assert len(feats) == 3
+    stamp = feats[0].stat().st_mtime_ns
+    # a resumed run reuses the stored features (their markers match the classifier)
+    assert run_cli('mine', '--classifier', tmp_path/'c', '--out', tmp_path/'m', '--max-steps', 2, '--resume', '--quiet')[0] == 0
+    assert feats[0].stat().st_mtime_ns == stamp
+    names = load_mining_result(tmp_path/'m')[1]['names']
+    assert names == ['a1', 'a2', 'a3', 's1', 's2', 's3']
+    # pseudo-labels: the data root comes from the mining folder's run.json; CRF in 2 processes = in this one
+    assert run_cli('pseudo-labels', '--mining', tmp_path/'m', '--out', tmp_path/'p0', '--crf', '--quiet')[0] == 0
+    assert run_cli('pseudo-labels', '--mining', tmp_path/'m', '--out', tmp_path/'p', '--crf', '--workers', 2, '--quiet')[0] == 0
+    for n in names:
+        a, b = Image.open(tmp_path/'p0'/'masks'/f'{n}.png'), Image.open(tmp_path/'p'/'masks'/f'{n}.png')
+        assert a.mode == 'P' and a.size == (56, 40) and np.array_equal(np.asarray(a), np.asarray(b))
+    assert run_cli('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1, '--workers', 0,
+                   '--quiet')[0] == 0
+    code, out, _ = run_cli('evaluate', '--seg', tmp_path/'s', '--split', 'val', '--crf', '--out', tmp_path/'e', '--quiet')
+    assert code == 0 and json.loads((tmp_path/'e'/'eval_val.json').read_text())['n_images'] == 2
+    # a missing pseudo mask is named
+    (tmp_path/'p'/'masks'/'s2.png').unlink()
+    code, _, err = run_cli('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s2', '--epochs', 1, '--quiet')
+    assert code == 2 and 's2.png' in err
+
+
+def test_ordered_map_keeps_order():
+    assert list(_ordered_map(pow, [(2, i) for i in range(7)], 0)) == [2 ** i for i in range(7)]
+
+
+def test_offline_imagenet_weights_exit_2(tmp_path):
+    "The paper's preset needs ImageNet VGG-16 weights: offline, a clear message and exit 2, not a traceback."
+    import urllib.error
+    from unittest import mock
+    make_voc_fixture(tmp_path/'DATA')
+    old = torch.hub.get_dir(); torch.hub.set_dir(str(tmp_path/'hub'))
+    def offline(*a, **k): raise urllib.error.URLError('no network in tests')
+    try:
+        with mock.patch('torch.hub.download_url_to_file', offline):
+            code, _, err = run_cli('train-classifier', '--preset', 'voc', '--voc-root', tmp_path/'DATA', '--epochs', 1,
+                                   '--workers', 0, '--out', tmp_path/'c')
+    finally: torch.hub.set_dir(old)
+    assert code == 2 and 'Could not obtain the ImageNet VGG-16 weights' in err and 'Traceback' not in err
+    code, _, err = run_cli('train-classifier', '--preset', 'voc', '--voc-root', tmp_path/'DATA', '--weights',
+                           tmp_path/'missing.pth', '--out', tmp_path/'c')
+    assert code == 2 and 'missing.pth: no such file' in err
+
+
+def test_recipe_command_lines_parse():
+    "Not only `--help`: every `multiminer ...` line of the VOC recipe parses with all its flags."
+    sys.path.insert(0, str(ROOT/'tests'))
+    from test_recipe import recipe_commands
+    from multiminer.cli import build_parser
+    p = build_parser()
+    for c in recipe_commands():
+        args = p.parse_args(c.split()[1:])
+        assert args.command == c.split()[1]
