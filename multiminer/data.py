@@ -7,7 +7,7 @@ __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'VOC_PALETTE', 'VOC_URL', 'SBD_URL', '
            'labels_from_mask', 'colorize_mask', 'SyntheticShapes', 'cam_coverage', 'coverage_by_size', 'VOCSegDataset',
            'voc_dataset', 'voc_transforms', 'make_voc_fixture']
 
-# %% ../nbs/01_data.ipynb #e1817a72
+# %% ../nbs/01_data.ipynb #0c453a49
 import math, numbers, time
 from pathlib import Path
 from typing import Optional
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as nnf
 from torch.utils.data import Dataset
 
-# %% ../nbs/01_data.ipynb #81149114
+# %% ../nbs/01_data.ipynb #fef2fba1
 IGNORE_INDEX = 255  # mask value of pixels that no loss or metric counts
 
 VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -37,7 +37,7 @@ def _voc_palette(n=256):
 
 VOC_PALETTE = _voc_palette()  # (256, 3) uint8
 
-# %% ../nbs/01_data.ipynb #9a8bfd9b
+# %% ../nbs/01_data.ipynb #aca61874
 def _mask_tensor(mask, who):
     "`mask` (PIL image, numpy array or tensor of integer class indices) as an int64 tensor."
     if not isinstance(mask, (np.ndarray, torch.Tensor)):
@@ -72,7 +72,7 @@ def colorize_mask(mask) -> np.ndarray:
         raise ValueError(f"colorize_mask: values must lie in 0..255; got {m.min()}..{m.max()}")
     return VOC_PALETTE[m]
 
-# %% ../nbs/01_data.ipynb #bd4f17eb
+# %% ../nbs/01_data.ipynb #2c21228d
 def _hsv_to_rgb(h, s, v):
     "HSV (tensors of one shape, h in [0, 1) cyclic) to RGB (..., 3)."
     h6 = (h % 1.0) * 6
@@ -93,7 +93,7 @@ def _class_names(n_classes):
     names = [_HUE_NAMES[round(12 * c / n_classes) % 12] for c in range(n_classes)]
     return [n if names.count(n) == 1 else f"{n}{names[:i].count(n) + 1}" for i, n in enumerate(names)]
 
-# %% ../nbs/01_data.ipynb #9d262ccb
+# %% ../nbs/01_data.ipynb #dc74dbf8
 def _check_int(name, x, lo, hi=None):
     if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < lo or (hi is not None and x > hi):
         want = f">= {lo}" if hi is None else f"in {lo}..{hi}"
@@ -117,7 +117,7 @@ def _check_range(name, r, lo, hi, integer=False, positive=False):
                          f"{'integers' if integer else 'numbers'} with {low} <= high <= {hi}; got {r!r}")
     return (int(r[0]), int(r[1])) if integer else (float(r[0]), float(r[1]))
 
-# %% ../nbs/01_data.ipynb #b315a673
+# %% ../nbs/01_data.ipynb #f82a5284
 class SyntheticShapes(Dataset):
     "Seeded synthetic segmentation set: objects with a small discriminative part and a larger, subtler body, on cluttered backgrounds. Items: (image (3,H,W) in [0,1], labels (C,), mask (H,W) int64)."
     _CHUNK = 64  # images rendered at once (fixed: the noise stream depends on it)
@@ -307,7 +307,7 @@ class SyntheticShapes(Dataset):
         return (f"{type(self).__name__}(n_images={self.n_images}, n_classes={self.n_classes}, "
                 f"image_size={self.image_size}, seed={self.seed})")
 
-# %% ../nbs/01_data.ipynb #9de50a2b
+# %% ../nbs/01_data.ipynb #4e80686d
 def cam_coverage(cams: torch.Tensor, masks: torch.Tensor, labels: Optional[torch.Tensor] = None,
                  threshold: float = 0.5, normalize: bool = True):
     "Per object (each (image, class) with labels[i, c] = 1, in that order): its area and the fraction of its pixels where the map `cams[i, c]` >= `threshold`."
@@ -345,7 +345,7 @@ def coverage_by_size(area: torch.Tensor, fraction: torch.Tensor, n_bins: int = 3
                  area_max=float(area[bins == i].max()), coverage=float(fraction[bins == i].mean()))
             for i in range(n_bins)]
 
-# %% ../nbs/01_data.ipynb #c8e7c335
+# %% ../nbs/01_data.ipynb #8ef77936
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/  (VOCtrainval_11-May-2012.tar)"
 SBD_URL = "http://home.bharathh.info/pubs/codes/SBD/download.html  (benchmark.tgz)"
 
@@ -372,7 +372,7 @@ def _resolve_roots(root, sbd_root):
     if (sbd/'dataset').is_dir(): sbd = sbd/'dataset'
     return root, sbd
 
-# %% ../nbs/01_data.ipynb #5bb4a929
+# %% ../nbs/01_data.ipynb #1cc0f011
 def _read_sbd_mask(path):
     "The class-index image of an SBD .mat file, read as torchvision's SBDataset does."
     from scipy.io import loadmat
@@ -411,7 +411,7 @@ class VOCSegDataset(Dataset):
 
     def __repr__(self): return f"{type(self).__name__}(split={self.split!r}, {len(self)} images)"
 
-# %% ../nbs/01_data.ipynb #c4270fc8
+# %% ../nbs/01_data.ipynb #3414aca6
 def voc_dataset(root, split: str = 'train_aug', transform=None, sbd_root=None) -> VOCSegDataset:
     "PASCAL VOC 2012 `split` ('train_aug', 'train' or 'val') from the data root holding VOCdevkit/ (and benchmark_RELEASE/ for train_aug); items (image, labels, mask)."
     from torchvision.datasets import VOCSegmentation, SBDataset
@@ -440,7 +440,7 @@ def voc_dataset(root, split: str = 'train_aug', transform=None, sbd_root=None) -
         entries = {n: (img, aug/f"{n}.png" if (aug/f"{n}.png").exists() else m) for n, (img, m) in entries.items()}
     return VOCSegDataset(names, [entries[n][0] for n in names], [entries[n][1] for n in names], split, transform)
 
-# %% ../nbs/01_data.ipynb #3c25c61c
+# %% ../nbs/01_data.ipynb #8d13d5b3
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _random_scale_class():
@@ -475,7 +475,7 @@ def voc_transforms(train: bool = True, crop_size: int = 321, scale_range=(0.5, 1
     if hflip: geo.append(v2.RandomHorizontalFlip())
     return v2.Compose(geo + to_float)
 
-# %% ../nbs/01_data.ipynb #fee50a14
+# %% ../nbs/01_data.ipynb #91ac98a0
 def make_voc_fixture(root, voc_train=('a1', 'a2', 'a3'), voc_val=('v1', 'v2'), sbd_train=('a2', 's1', 's2', 'v1'),
                      sbd_val=('s3', 'v2', 's1'), size=(40, 56), seed=0, aug=False):
     "Write a miniature VOC 2012 + SBD tree under `root` (random images, one object class per image) for tests."

@@ -19,6 +19,8 @@ def tv_features():
 def offline_hub(tmp_path, monkeypatch):
     "An empty torch hub under tmp_path, and a download that fails at once as it does without network."
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    # an earlier torch.hub.set_dir (other tests restore theirs that way) would override TORCH_HOME
+    monkeypatch.setattr(torch.hub, '_hub_dir', None)
     def no_network(*args, **kwargs): raise urllib.error.URLError('no network (test)')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
     return tmp_path
