@@ -6,7 +6,7 @@
 __all__ = ['DemoSettings', 'check_demo_args', 'pseudo_miou', 'spearman', 'object_areas', 'plot_steps', 'plot_miou_by_steps',
            'plot_steps_vs_size', 'run_demo']
 
-# %% ../nbs/09_demo.ipynb #54c9158d
+# %% ../nbs/09_demo.ipynb #468aeb4f
 import json, math, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from .pseudo import pseudo_masks, crf_refine
 from .metrics import confusion_matrix, miou
 from .segmentation import SegConfig, train_segmentation, evaluate
 
-# %% ../nbs/09_demo.ipynb #2fef3458
+# %% ../nbs/09_demo.ipynb #8273722f
 @dataclass
 class DemoSettings:
     "Everything the demo runs with; `for_args` builds it from the command-line arguments."
@@ -46,7 +46,7 @@ class DemoSettings:
         d = {k: v for k, v in asdict(self).items()}
         return json.loads(json.dumps(d, default=str))
 
-# %% ../nbs/09_demo.ipynb #67bca1d0
+# %% ../nbs/09_demo.ipynb #5332a7ae
 def check_demo_args(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu', **_):
     "Raise ValueError naming the first bad demo argument; return nothing when all are fine."
     def _int(name, v, lo, hi=None):
@@ -62,7 +62,7 @@ def check_demo_args(out='runs/demo', seed=0, n_images=600, n_classes=4, image_si
     p = Path(out)
     if p.exists() and not p.is_dir(): raise ValueError(f"--out {out} exists and is not a folder")
 
-# %% ../nbs/09_demo.ipynb #51103b7f
+# %% ../nbs/09_demo.ipynb #c7db1c8e
 def pseudo_miou(strength, labels, masks, bg_threshold) -> float:
     "mIoU (percent) of the pseudo masks made from `strength` against the ground-truth `masks`."
     pm = pseudo_masks(strength, labels, size=tuple(masks.shape[-2:]), bg_threshold=bg_threshold)
@@ -87,7 +87,7 @@ def object_areas(masks, objects) -> torch.Tensor:
     "Area in pixels of each (image, class) object of the ground-truth masks."
     return torch.stack([(masks[i] == c + 1).sum() for i, c in objects.tolist()]) if len(objects) else torch.zeros(0)
 
-# %% ../nbs/09_demo.ipynb #7c09fd2c
+# %% ../nbs/09_demo.ipynb #ea8e9406
 def plot_steps(images, masks, result, n_objects=6, path=None):
     "Fig. 7: for a few objects, the image, its mask, the merged mined region, and each step's region map."
     import matplotlib.pyplot as plt
@@ -142,7 +142,7 @@ def plot_steps_vs_size(areas, steps, path=None):
     if path: fig.savefig(path, dpi=80); plt.close(fig)
     return fig
 
-# %% ../nbs/09_demo.ipynb #acd348b5
+# %% ../nbs/09_demo.ipynb #e266c075
 def _say(progress, *a):
     if progress: print(*a, flush=True)
 

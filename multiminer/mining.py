@@ -6,7 +6,7 @@
 __all__ = ['MiningConfig', 'object_index', 'image_masks', 'MiningState', 'batch_indices', 'fit_modulator', 'MultiMiner',
            'MiningResult']
 
-# %% ../nbs/05_mining.ipynb #bcbc0e6b
+# %% ../nbs/05_mining.ipynb #c792bbc2
 import copy, time, os
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .core import region_map, mask_features, size_regularizer, generator_loss, merge_region_maps, input_scale
 from .models import CategoryAwareGenerator
 
-# %% ../nbs/05_mining.ipynb #47708d82
+# %% ../nbs/05_mining.ipynb #08b93c1b
 @dataclass
 class MiningConfig:
     "Hyperparameters of Algorithm 1. `voc()` holds the paper's values (Sec. 4.1); `synthetic()` a CPU preset."
@@ -71,13 +71,13 @@ class MiningConfig:
     def scale(self, t): return input_scale(t, self.scales)
     def batch_size(self, t): return self.batch_sizes[min(t, len(self.scales)) - 1]
 
-# %% ../nbs/05_mining.ipynb #83bb6d88
+# %% ../nbs/05_mining.ipynb #f935d2c8
 def object_index(labels:torch.Tensor) -> torch.Tensor:
     "The objects of a labelled image set: one (image, class) row per positive label, (n_obj, 2) long."
     if labels.ndim != 2: raise ValueError(f"object_index: labels must be (N, C) multi-hot, got shape {tuple(labels.shape)}")
     return (labels > 0.5).nonzero()
 
-# %% ../nbs/05_mining.ipynb #92563b92
+# %% ../nbs/05_mining.ipynb #9f33b75f
 def image_masks(pool:torch.Tensor,     # (n_obj, h, w) running minimum of each object's stored maps
                 objects:torch.Tensor,  # (n_obj, 2) image and class index of each object
                 n_images:int) -> torch.Tensor:  # (N, 1, h, w)
@@ -93,7 +93,7 @@ def _resize_maps(m, size):
     if tuple(m.shape[-2:]) == tuple(size): return m
     return F.interpolate(m[:, None], size=tuple(size), mode='bilinear', align_corners=False)[:, 0]
 
-# %% ../nbs/05_mining.ipynb #f676a4f9
+# %% ../nbs/05_mining.ipynb #a595e4d2
 @dataclass
 class MiningState:
     "Everything Algorithm 1 carries from one step to the next; saved after every step."
@@ -105,7 +105,7 @@ class MiningState:
     history: list = field(default_factory=list)
     step_maps: list = field(default_factory=list)   # per step, for the kept images: uint8 maps, stored flags
 
-# %% ../nbs/05_mining.ipynb #706d1d0a
+# %% ../nbs/05_mining.ipynb #e07e4317
 def batch_indices(n:int, batch_size:int, rng:torch.Generator) -> list:
     "A shuffled split of range(n) into batches, drawn from `rng` (so a resumed run draws the same)."
     perm = torch.randperm(n, generator=rng)
@@ -124,7 +124,7 @@ def fit_modulator(modulator:nn.Module, opt, feats:torch.Tensor, masks:torch.Tens
             tot, n = tot + loss.item() * len(idx), n + len(idx)
     return tot / max(n, 1)
 
-# %% ../nbs/05_mining.ipynb #6825639b
+# %% ../nbs/05_mining.ipynb #f89f16a5
 class MultiMiner:
     "Object-adaptive region mining (Algorithm 1) over precomputed features, with the multi-scale schedule (Eq. 8)."
     def __init__(self, modulator:nn.Module, cfg:MiningConfig, generator:nn.Module=None, device='cpu'):
@@ -145,14 +145,14 @@ class MultiMiner:
         "F^t for the images `idx` (Eq. 1): their features times the minimum of their pooled maps."
         return mask_features(feats[idx].to(self.device, torch.float32), masks[idx].to(self.device))
 
-# %% ../nbs/05_mining.ipynb #6907168e
+# %% ../nbs/05_mining.ipynb #b0ec1d04
 @patch
 def train_modulator(self:MultiMiner, feats, masks, labels, bs):
     "Stage 1 (Alg. 1, lines 3–6): θ_g frozen, minimise L_m (Eq. 2) for n_m epochs."
     self.generator.requires_grad_(False)
     return fit_modulator(self.modulator, self.opt_m, feats, masks, labels, self.cfg.n_m, bs, self.rng, self.device)
 
-# %% ../nbs/05_mining.ipynb #d3851008
+# %% ../nbs/05_mining.ipynb #eb61b69e
 @patch
 def generator_step_loss(self:MultiMiner, Ft, y):
     "L_g of Eq. 6 on one batch of F^t with multi-hot labels `y`, and its two terms."
@@ -186,7 +186,7 @@ def train_generator(self:MultiMiner, feats, masks, labels, bs):
     self.modulator.requires_grad_(True)
     return {k: v / max(n, 1) for k, v in tot.items()}
 
-# %% ../nbs/05_mining.ipynb #3ff73aee
+# %% ../nbs/05_mining.ipynb #c4cd8a9e
 @patch
 @torch.no_grad()
 def generate(self:MultiMiner, feats, masks, objects, bs):
@@ -207,7 +207,7 @@ def generate(self:MultiMiner, feats, masks, objects, bs):
         maps[sel], probs[sel] = M[row[o[:, 0]], o[:, 1]], p[row[o[:, 0]], o[:, 1]]
     return maps, probs
 
-# %% ../nbs/05_mining.ipynb #ce1d017f
+# %% ../nbs/05_mining.ipynb #d91cc651
 @patch
 def step(self:MultiMiner, bank, labels, progress=False):
     "Run mining step t = state.t + 1 (Alg. 1, lines 3–15) and update the state in place."
@@ -252,7 +252,7 @@ def _kept_objects(self:MultiMiner):
     objs = self.state.objects
     return torch.arange(len(objs)) if n < 0 else (objs[:, 0] < n).nonzero()[:, 0]
 
-# %% ../nbs/05_mining.ipynb #e4b13824
+# %% ../nbs/05_mining.ipynb #82752ec2
 @patch
 def init_state(self:MultiMiner, bank, labels):
     "Empty pools (all-ones maps: nothing mined) and every object active."
@@ -304,7 +304,7 @@ def load(self:MultiMiner, path):
     self.rng.set_state(blob['rng']); torch.set_rng_state(blob['torch_rng'])
     self.state = MiningState(**blob['state'])
 
-# %% ../nbs/05_mining.ipynb #c7a8da43
+# %% ../nbs/05_mining.ipynb #27979c6f
 @patch
 def result(self:MultiMiner, n_images, n_classes):
     st = self.state

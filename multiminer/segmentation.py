@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .models import SmallExtractor, count_parameters
+from .models import SmallExtractor, count_parameters, imagenet_state_dict
 from .metrics import confusion_matrix, miou
 
 # %% ../nbs/08_segmentation.ipynb #45bcdebf
@@ -34,26 +34,6 @@ class _Normalize(nn.Module):
             raise ValueError(f"expected images of shape (N, 3, H, W) with values in [0, 1]; "
                              f"got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-# %% ../nbs/08_segmentation.ipynb #cda8e4de
-def _imagenet_state_dict(weights, weights_path=None, who='model', progress=True):
-    "State dict of torchvision `weights` (a WeightsEnum member), or of the local file `weights_path`."
-    if weights_path is not None:
-        p = Path(weights_path)
-        if not p.is_file():
-            raise FileNotFoundError(f"weights_path={str(p)!r} does not exist; expected torchvision's {who} checkpoint "
-                                    f"({weights.url.rsplit('/', 1)[-1]}) or a state_dict saved with torch.save")
-        return torch.load(p, map_location='cpu', weights_only=True)
-    fname = weights.url.rsplit('/', 1)[-1]
-    try:
-        return weights.get_state_dict(progress=progress, check_hash=True)
-    except OSError as e:  # urllib.error.URLError, socket errors, timeouts are all OSErrors
-        ckpt = Path(torch.hub.get_dir())/'checkpoints'/fname
-        raise RuntimeError(
-            f"Could not obtain the ImageNet weights for {who} ({type(e).__name__}: {e}). This machine seems to be "
-            f"offline. Either download {weights.url} on a machine with internet and put the file at {ckpt} "
-            f"(torch.hub.get_dir()/checkpoints/{fname}; $TORCH_HOME moves that folder), or pass "
-            f"weights_path='/path/to/{fname}'.") from e
 
 # %% ../nbs/08_segmentation.ipynb #b136bc0c
 _VGG_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M1', 512, 512, 512, 'M1']
@@ -76,14 +56,27 @@ def _vgg_features_state_dict(sd):
     return dict(sd)
 
 # %% ../nbs/08_segmentation.ipynb #481f1d43
-class DeepLabLargeFOV(nn.Module):
+class _LargeFOV(nn.Module):
+    "What DeepLab-LargeFOV and its small CPU variant share: features, 3x3 average pool, dilated fc6, fc7, fc8; logits upsampled."
+
+    @property
+    def last_layer(self): return self.fc8
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        h = self.pool5a(self.features(self.normalize(x)))
+        h = self.drop6(F.relu(self.fc6(h), inplace=True))
+        h = self.drop7(F.relu(self.fc7(h), inplace=True))
+        return F.interpolate(self.fc8(h), size=size, mode='bilinear', align_corners=False)
+
+class DeepLabLargeFOV(_LargeFOV):
     "DeepLab-LargeFOV on VGG-16 (output stride 8); logits upsampled to the input size."
     def __init__(self, n_classes=21, pretrained=False, weights_path=None, dropout=0.5, progress=True):
         super().__init__()
         sd = None
         if pretrained or weights_path is not None:   # fetch first: offline, fail before building anything
             from torchvision.models import VGG16_Weights
-            sd = _imagenet_state_dict(VGG16_Weights.IMAGENET1K_V1, weights_path, 'VGG-16', progress)
+            sd = imagenet_state_dict(VGG16_Weights.IMAGENET1K_V1, weights_path, 'VGG-16', progress)
         self.n_classes = n_classes
         self.normalize = _Normalize()
         self.features = _largefov_features()
@@ -98,16 +91,6 @@ class DeepLabLargeFOV(nn.Module):
         nn.init.normal_(self.fc8.weight, std=0.01)
         if sd is not None: self.features.load_state_dict(_vgg_features_state_dict(sd), strict=True)
 
-    @property
-    def last_layer(self): return self.fc8
-
-    def forward(self, x):
-        size = x.shape[-2:]
-        h = self.pool5a(self.features(self.normalize(x)))
-        h = self.drop6(F.relu(self.fc6(h), inplace=True))
-        h = self.drop7(F.relu(self.fc7(h), inplace=True))
-        return F.interpolate(self.fc8(h), size=size, mode='bilinear', align_corners=False)
-
 # %% ../nbs/08_segmentation.ipynb #9bbbdf39
 class DeepLabResNet101(nn.Module):
     "DeepLab-v2: dilated ResNet-101 (output stride 8) + ASPP classifier (rates 6/12/18/24, summed); upsampled logits."
@@ -117,7 +100,7 @@ class DeepLabResNet101(nn.Module):
         from torchvision.models import resnet101, ResNet101_Weights
         sd = None
         if pretrained or weights_path is not None:   # fetch first: offline, fail before building anything
-            sd = _imagenet_state_dict(ResNet101_Weights.IMAGENET1K_V1, weights_path, 'ResNet-101', progress)
+            sd = imagenet_state_dict(ResNet101_Weights.IMAGENET1K_V1, weights_path, 'ResNet-101', progress)
         self.n_classes, self.freeze_bn = n_classes, freeze_bn
         self.normalize = _Normalize()
         self.backbone = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
@@ -148,7 +131,7 @@ class DeepLabResNet101(nn.Module):
         return F.interpolate(sum(c(h) for c in self.aspp), size=size, mode='bilinear', align_corners=False)
 
 # %% ../nbs/08_segmentation.ipynb #00d42796
-class SmallDeepLab(nn.Module):
+class SmallDeepLab(_LargeFOV):
     "DeepLab-LargeFOV's head (avg pool, dilated fc6, fc7, classifier) on `SmallExtractor`; upsampled logits."
     def __init__(self, n_classes, width=128, dilation=3, dropout=0.1, **extractor_kwargs):
         super().__init__()
@@ -162,16 +145,6 @@ class SmallDeepLab(nn.Module):
         self.fc8 = nn.Conv2d(width, n_classes, 1)
         self.drop6, self.drop7 = nn.Dropout2d(dropout), nn.Dropout2d(dropout)
         nn.init.normal_(self.fc8.weight, std=0.01); nn.init.zeros_(self.fc8.bias)
-
-    @property
-    def last_layer(self): return self.fc8
-
-    def forward(self, x):
-        size = x.shape[-2:]
-        h = self.pool5a(self.features(self.normalize(x)))
-        h = self.drop6(F.relu(self.fc6(h), inplace=True))
-        h = self.drop7(F.relu(self.fc7(h), inplace=True))
-        return F.interpolate(self.fc8(h), size=size, mode='bilinear', align_corners=False)
 
 # %% ../nbs/08_segmentation.ipynb #06480e13
 MODEL_NAMES = ('deeplab-largefov', 'deeplab-resnet101', 'small')

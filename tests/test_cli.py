@@ -138,7 +138,7 @@ def test_offline_imagenet_weights_exit_2(tmp_path):
             code, _, err = run_cli('train-classifier', '--preset', 'voc', '--voc-root', tmp_path/'DATA', '--epochs', 1,
                                    '--workers', 0, '--out', tmp_path/'c')
     finally: torch.hub.set_dir(old)
-    assert code == 2 and 'Could not obtain the ImageNet VGG-16 weights' in err and 'Traceback' not in err
+    assert code == 2 and 'Could not obtain the ImageNet weights for VGG-16' in err and 'Traceback' not in err
     code, _, err = run_cli('train-classifier', '--preset', 'voc', '--voc-root', tmp_path/'DATA', '--weights',
                            tmp_path/'missing.pth', '--out', tmp_path/'c')
     assert code == 2 and 'missing.pth: no such file' in err
