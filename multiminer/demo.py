@@ -37,7 +37,7 @@ class DemoSettings:
 
     @classmethod
     def for_args(cls, n_classes=4, image_size=96, seed=0, **kw):
-        return cls(classifier=ClassifierConfig.synthetic(input_size=image_size, seed=seed, epochs=12, lr_step_epoch=9),
+        return cls(classifier=ClassifierConfig.synthetic(input_size=image_size, seed=seed, epochs=24, lr_step_epoch=18),
                    mining=MiningConfig.synthetic(image_size, seed=seed, n_g=4, keep_step_maps=8),
                    erasing=ErasingConfig(steps=3, seed=seed),
                    segmentation=SegConfig.synthetic(n_classes=n_classes + 1, crop_size=image_size, seed=seed), **kw)
