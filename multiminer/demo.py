@@ -146,11 +146,6 @@ def plot_steps_vs_size(areas, steps, path=None):
 def _say(progress, *a):
     if progress: print(*a, flush=True)
 
-def _strength_from_state(state, n_images, n_classes):
-    s = torch.zeros((n_images, n_classes) + tuple(state.pools[-1].shape[-2:]))
-    s[state.objects[:, 0], state.objects[:, 1]] = 1 - state.pools[-1]
-    return s
-
 def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu', resume=False,
              crf=True, segmentation=True, progress=True, settings:DemoSettings=None) -> dict:
     "The whole pipeline on `SyntheticShapes`; writes metrics.json and figures into `out` and returns the metrics."
@@ -184,7 +179,7 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
 
     t0 = time.time(); _say(progress, f"== multi-miner: Algorithm 1, scales {S.mining.scales}, at most {S.mining.max_steps} steps")
     def by_steps(miner):
-        miner.state.history[-1]['miou_merged'] = pseudo_miou(_strength_from_state(miner.state, n_images, n_classes),
+        miner.state.history[-1]['miou_merged'] = pseudo_miou(miner.result(n_images, n_classes).strength(),
                                                              labels, masks, S.bg_multiminer)
         _say(progress, f"   pseudo-mask mIoU of the first {miner.state.t} steps merged: {miner.state.history[-1]['miou_merged']:.1f}")
     result = MultiMiner(clf.modulator, S.mining, device=device).run(bank, labels, out_dir=out/'mining', resume=resume,
