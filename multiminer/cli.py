@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--out', required=True, metavar='DIR', help="output folder (masks/*.png for VOC, "
                    "pseudo_masks.pt for synthetic data, summary.json)")
     q.add_argument('--bg-threshold', type=_fraction, metavar='T', help="background where the strongest present class's "
-                   "strength is below this (default: the demo's, 0.9, or 0.7 with --crf)")
+                   "strength is below this (default: the demo's, 0.9, or 0.8 with --crf)")
     q.add_argument('--saliency', metavar='DIR', help="background cues: one grey-scale PNG per image, "
                    "<image id>.png, foreground bright (SeeNet's maps for VOC)")
     q.add_argument('--saliency-threshold', type=_fraction, default=0.5, metavar='T', help="saliency below this is "
@@ -448,7 +448,7 @@ def cmd_pseudo_labels(args, argv=()):
     spec, preset, seed, input_size = resolve_data(args, up)
     labels, names = extra['labels'], extra['names']
     fields = DemoSettings.__dataclass_fields__
-    bg = args.bg_threshold if args.bg_threshold is not None else fields['bg_crf' if args.crf else 'bg_multiminer'].default
+    bg = args.bg_threshold if args.bg_threshold is not None else fields['bg_multiminer_crf' if args.crf else 'bg_multiminer'].default
     if args.saliency is not None and not Path(args.saliency).is_dir():
         raise CLIError(f"--saliency {args.saliency}: no such folder (expected one grey-scale PNG per image, "
                        f"named <image id>.png)")

@@ -30,9 +30,11 @@ class DemoSettings:
     erasing: ErasingConfig
     segmentation: SegConfig
     bg_cam: float = 0.35            # background threshold of the CAM pseudo masks
-    bg_erasing: float = 0.6         # ... of the fixed-step erasing pseudo masks
+    bg_fixed_erasing: float = 0.6   # ... of the fixed-step erasing pseudo masks
     bg_multiminer: float = 0.9      # ... of the multi-miner pseudo masks
-    bg_crf: float = 0.7             # ... of the probabilities the CRF starts from (multi-miner + CRF)
+    bg_cam_crf: float = 0.2         # ... of the probabilities the dense CRF starts from, for each method
+    bg_fixed_erasing_crf: float = 0.6
+    bg_multiminer_crf: float = 0.8
     n_val: int = 200                # images of the separate validation split for segmentation
 
     @classmethod
@@ -41,6 +43,12 @@ class DemoSettings:
                    mining=MiningConfig.synthetic(image_size, seed=seed, n_g=4, keep_step_maps=8),
                    erasing=ErasingConfig(steps=3, seed=seed),
                    segmentation=SegConfig.synthetic(n_classes=n_classes + 1, crop_size=image_size, seed=seed), **kw)
+
+    def bg_threshold(self, method:str, crf:bool=False) -> float:
+        "The background threshold of `method` ('cam', 'fixed_erasing' or 'multiminer'), before or after a CRF."
+        name = f"bg_{method}{'_crf' if crf else ''}"
+        if not hasattr(self, name): raise ValueError(f"no background threshold for method {method!r}; use 'cam', 'fixed_erasing' or 'multiminer'")
+        return getattr(self, name)
 
     def to_dict(self):
         d = {k: v for k, v in asdict(self).items()}
@@ -180,24 +188,24 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
     t0 = time.time(); _say(progress, f"== multi-miner: Algorithm 1, scales {S.mining.scales}, at most {S.mining.max_steps} steps")
     def by_steps(miner):
         miner.state.history[-1]['miou_merged'] = pseudo_miou(miner.result(n_images, n_classes).strength(),
-                                                             labels, masks, S.bg_multiminer)
+                                                             labels, masks, S.bg_threshold('multiminer'))
         _say(progress, f"   pseudo-mask mIoU of the first {miner.state.t} steps merged: {miner.state.history[-1]['miou_merged']:.1f}")
     result = MultiMiner(clf.modulator, S.mining, device=device).run(bank, labels, out_dir=out/'mining', resume=resume,
                                                                     progress=progress, callback=by_steps)
     stage('multiminer', t0)
 
-    t0 = time.time(); _say(progress, "== pseudo masks" + (" and dense CRF" if crf else ""))
-    mm_strength = result.strength()
-    m = dict(cam=pseudo_miou(cam, labels, masks, S.bg_cam),
-             fixed_erasing=pseudo_miou(erasing.strength, labels, masks, S.bg_erasing),
-             multiminer=pseudo_miou(mm_strength, labels, masks, S.bg_multiminer))
-    pm_mm = pseudo_masks(mm_strength, labels, size=image_size, bg_threshold=S.bg_multiminer)
-    pm_cam = pseudo_masks(cam, labels, size=image_size, bg_threshold=S.bg_cam)
-    if crf:
-        pm_mm = crf_refine(images, mm_strength, labels, bg_threshold=S.bg_crf)
-        m['multiminer_crf'] = miou(confusion_matrix(pm_mm, masks, n_classes + 1))
+    t0 = time.time(); _say(progress, "== pseudo masks" + (", and the same after a dense CRF for every method" if crf else ""))
+    strengths = dict(cam=cam, fixed_erasing=erasing.strength, multiminer=result.strength())
+    m, pm = {}, {}
+    for k, s in strengths.items():
+        pm[k] = pseudo_masks(s, labels, size=image_size, bg_threshold=S.bg_threshold(k))
+        m[k] = miou(confusion_matrix(pm[k], masks, n_classes + 1))
+    if crf:   # like with like: each method's masks after the same CRF (the segmentation below trains on these)
+        for k, s in strengths.items():
+            pm[k] = crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True))
+            m[f'{k}_crf'] = miou(confusion_matrix(pm[k], masks, n_classes + 1))
     stage('pseudo_masks', t0)
-    for k, v in m.items(): _say(progress, f"   pseudo-mask mIoU {k:15s} {v:5.1f}")
+    for k, v in m.items(): _say(progress, f"   pseudo-mask mIoU {k:18s} {v:5.1f}")
 
     areas = object_areas(masks, result.objects)
     metrics = dict(miou={k: round(v, 2) for k, v in m.items()},
@@ -210,7 +218,7 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
         t0 = time.time(); _say(progress, "== segmentation: trained on multi-miner, CAM and ground-truth masks, scored on a separate split")
         val = SyntheticShapes(S.n_val, n_classes, image_size, seed=seed + 100_000)
         seg = {}
-        for name, target in (('multiminer', pm_mm), ('cam', pm_cam), ('ground_truth', masks)):
+        for name, target in (('multiminer', pm['multiminer']), ('cam', pm['cam']), ('ground_truth', masks)):
             model = train_segmentation(S.segmentation, images, target, device=device, out_dir=out/'segmentation'/name,
                                        resume=resume, progress=False)
             seg[name] = round(evaluate(model, val.images, val.masks, n_classes=n_classes + 1, device=device), 2)
