@@ -196,14 +196,12 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
 
     t0 = time.time(); _say(progress, "== pseudo masks" + (", and the same after a dense CRF for every method" if crf else ""))
     strengths = dict(cam=cam, fixed_erasing=erasing.strength, multiminer=result.strength())
-    m, pm = {}, {}
-    for k, s in strengths.items():
-        pm[k] = pseudo_masks(s, labels, size=image_size, bg_threshold=S.bg_threshold(k))
-        m[k] = miou(confusion_matrix(pm[k], masks, n_classes + 1))
+    score = lambda pred: miou(confusion_matrix(pred, masks, n_classes + 1))
+    pm = {k: pseudo_masks(s, labels, size=image_size, bg_threshold=S.bg_threshold(k)) for k, s in strengths.items()}
+    m = {k: score(p) for k, p in pm.items()}
     if crf:   # like with like: each method's masks after the same CRF (the segmentation below trains on these)
-        for k, s in strengths.items():
-            pm[k] = crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True))
-            m[f'{k}_crf'] = miou(confusion_matrix(pm[k], masks, n_classes + 1))
+        pm = {k: crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True)) for k, s in strengths.items()}
+        m.update({f'{k}_crf': score(p) for k, p in pm.items()})
     stage('pseudo_masks', t0)
     for k, v in m.items(): _say(progress, f"   pseudo-mask mIoU {k:18s} {v:5.1f}")
 
