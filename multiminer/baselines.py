@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from .core import mask_features
-from .mining import fit_modulator
+from .mining import fit_modulator, MiningConfig
 
 # %% ../nbs/06_baselines.ipynb #5ea02cdc
 @torch.no_grad()
@@ -33,8 +33,9 @@ def normalized_cam(modulator:nn.Module,     # a `ParallelModulator`
 # %% ../nbs/06_baselines.ipynb #71e06f7b
 @dataclass
 class ErasingConfig:
-    "Fixed-step adversarial erasing (AE-PSL style): every object is erased for the same `steps` steps."
+    "Fixed-step adversarial erasing (AE-PSL style): every object is erased for the same `steps` steps, on the multi-miner's scale schedule."
     steps: int = 3                 # K, the same for every object
+    scales: tuple = (96,)          # input scale of each step (Eq. 8 as in MiningConfig); one scale: fixed
     erase_threshold: float = 0.5   # erase where the normalised CAM exceeds this: the most discriminative region
     n_m: int = 3                   # modulator epochs on the erased features before steps 2..K
     batch_size: int = 64
@@ -47,36 +48,49 @@ class ErasingConfig:
         if int(self.steps) < 1: raise ValueError(f"ErasingConfig: steps must be >= 1, got {self.steps}")
         if not 0 < self.erase_threshold < 1: raise ValueError(f"ErasingConfig: erase_threshold must be in (0, 1), got {self.erase_threshold}")
         if self.optimizer not in ('sgd', 'adam'): raise ValueError(f"ErasingConfig: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        self.scales = tuple(int(s) for s in self.scales)
+        self.schedule = MiningConfig(scales=self.scales, batch_sizes=(self.batch_size,) * len(self.scales))  # Eq. 8, checked once
+
+    def scale(self, k): return self.schedule.scale(k)
 
 @dataclass
 class ErasingResult:
     "The union of the erased regions, per object, and per-step statistics."
-    strength: torch.Tensor     # (N, C, h, w): the CAM value where a step erased, else 0
+    strength: torch.Tensor     # (N, C, h, w): the CAM value where a step erased, else 0, at the largest scale's resolution
     erased: torch.Tensor       # (N, 1, h, w): 1 where some step erased
     history: list = field(default_factory=list)
 
 # %% ../nbs/06_baselines.ipynb #45b81bbf
-def fixed_erasing(modulator:nn.Module, feats:torch.Tensor, labels:torch.Tensor, cfg:ErasingConfig,
+def _resize(x, size):
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
+
+def fixed_erasing(modulator:nn.Module, bank, labels:torch.Tensor, cfg:ErasingConfig,
                   device='cpu', progress:bool=True) -> ErasingResult:
-    "Erase each image's most discriminative regions for exactly `cfg.steps` steps, retraining the modulator in between."
-    if feats.ndim != 4 or labels.ndim != 2 or len(feats) != len(labels):
-        raise ValueError(f"fixed_erasing: feats must be (N, D, h, w) and labels (N, C) with the same N, got {tuple(feats.shape)} and {tuple(labels.shape)}")
+    "Erase each image's most discriminative regions for exactly `cfg.steps` steps on the scale schedule `cfg.scales`, retraining the modulator in between. `bank` maps scale -> (N, D, h, w) features (a tensor is one scale)."
+    if isinstance(bank, torch.Tensor): bank = {cfg.scales[-1]: bank} if len(cfg.scales) == 1 else None
+    if bank is None: raise ValueError(f"fixed_erasing: pass a mapping scale -> features for the scales {cfg.scales}")
+    final = bank[cfg.scales[-1]]
+    if final.ndim != 4 or labels.ndim != 2 or len(final) != len(labels):
+        raise ValueError(f"fixed_erasing: features must be (N, D, h, w) and labels (N, C) with the same N, got {tuple(final.shape)} and {tuple(labels.shape)}")
     mod = copy.deepcopy(modulator).to(device)
     opt = (torch.optim.Adam(mod.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == 'adam'
            else torch.optim.SGD(mod.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
     rng = torch.Generator().manual_seed(cfg.seed)
     labels = labels.float()
-    keep = torch.ones((len(feats), 1) + tuple(feats.shape[-2:]))   # 1 - erased: multiplies the features
-    strength = torch.zeros((len(feats), labels.shape[1]) + tuple(feats.shape[-2:]))
+    size = tuple(final.shape[-2:])
+    keep = torch.ones((len(final), 1) + size)                 # 1 - erased, at the finest resolution
+    strength = torch.zeros((len(final), labels.shape[1]) + size)
     pos = (labels > 0.5)[..., None, None]
     hist = []
     for k in range(1, cfg.steps + 1):
-        t0, loss = time.time(), float('nan')
-        if k > 1: loss = fit_modulator(mod, opt, feats, keep, labels, cfg.n_m, cfg.batch_size, rng, device)
-        cam = normalized_cam(mod, feats, keep, device=device) * pos
+        t0, loss, r = time.time(), float('nan'), cfg.scale(k)
+        feats = bank[r]
+        keep_r = _resize(keep, feats.shape[-2:])               # the erased regions, seen at this step's resolution
+        if k > 1: loss = fit_modulator(mod, opt, feats, keep_r, labels, cfg.n_m, cfg.batch_size, rng, device)
+        cam = _resize(normalized_cam(mod, feats, keep_r, device=device), size).clamp(0, 1) * pos
         region = cam > cfg.erase_threshold
         strength = torch.maximum(strength, torch.where(region, cam, torch.zeros_like(cam)))
         keep = keep * (1 - region.any(1, keepdim=True).float())
-        hist.append(dict(step=k, modulator_loss=loss, erased_fraction=float(1 - keep.mean()), seconds=time.time() - t0))
-        if progress: print(f"erasing step {k}/{cfg.steps}: modulator loss {loss:.3f}, erased {100 * (1 - keep.mean()):.1f}% of positions, {hist[-1]['seconds']:.1f}s", flush=True)
+        hist.append(dict(step=k, scale=r, modulator_loss=loss, erased_fraction=float(1 - keep.mean()), seconds=time.time() - t0))
+        if progress: print(f"erasing step {k}/{cfg.steps} @{r}px: modulator loss {loss:.3f}, erased {100 * (1 - keep.mean()):.1f}% of positions, {hist[-1]['seconds']:.1f}s", flush=True)
     return ErasingResult(strength=strength, erased=1 - keep, history=hist)
