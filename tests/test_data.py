@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from multiminer.data import (IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, SyntheticShapes, cam_coverage, colorize_mask,
+from multiminer.data import (IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, SyntheticScenes, SyntheticShapes, cam_coverage, colorize_mask,
                              coverage_by_size, labels_from_mask, make_voc_fixture, voc_dataset, voc_transforms)
 
 
@@ -135,3 +135,48 @@ def test_voc_missing_root_explains_layout(tmp_path):
 def test_make_voc_fixture_counts(tmp_path):
     make_voc_fixture(tmp_path)
     assert [len(voc_dataset(tmp_path, s)) for s in ('train', 'val', 'train_aug')] == [3, 2, 6]
+
+
+@pytest.fixture(scope='module')
+def scenes():
+    return SyntheticScenes(200, seed=5)
+
+
+def test_scenes_follow_the_contract(scenes):
+    s = scenes
+    assert s.images.shape == (200, 3, 96, 96) and s.images.dtype == torch.float32
+    assert s.labels.shape == (200, 4) and s.masks.dtype == torch.int64 and s.part_masks.shape == (200, 96, 96)
+    assert float(s.images.min()) >= 0 and float(s.images.max()) <= 1
+    image, labels, mask = s[3]
+    assert torch.equal(image, s.images[3]) and torch.equal(labels, s.labels[3]) and torch.equal(mask, s.masks[3])
+    assert torch.equal(s.labels, labels_from_mask(s.masks, 4)) and torch.equal(s.labels, (s.areas > 0).float())
+    assert s.labels.sum(1).min() == 1 and s.labels.sum(1).max() == 4
+    assert ((s.part_masks > 0) <= (s.masks > 0)).all()
+    assert 'class_seed=0' in repr(s) and len(s) == 200 and s.config['class_seed'] == 0
+
+
+def test_scenes_sizes_and_parts(scenes):
+    areas = scenes.areas[scenes.labels.bool()].float()
+    assert areas.min() >= 144 and areas.max() / areas.min() >= 20   # (>= 30 on the notebook's 1000 images)
+    parts = torch.stack([(scenes.part_masks == c + 1).flatten(1).sum(1) for c in range(4)], 1)[scenes.labels.bool()]
+    assert 0.1 < (parts.float() / areas).median() < 0.18
+
+
+def test_scenes_seeds():
+    a, b = SyntheticScenes(70, seed=2), SyntheticScenes(70, seed=2)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)   # 70 > one chunk of 64
+    assert not torch.equal(SyntheticScenes(70, seed=3).masks, a.masks)
+    c = SyntheticScenes(70, seed=2, class_seed=4)
+    assert torch.equal(c.masks, a.masks) and not torch.equal(c.images, a.images)
+    h = SyntheticScenes(70, seed=2, show_parts=False)
+    assert torch.equal(h.masks, a.masks) and not torch.equal(h.images, a.images)
+
+
+@pytest.mark.parametrize('kwargs, words', [
+    (dict(n_images=0), 'SyntheticScenes: n_images'), (dict(n_images=3, n_classes=25), 'n_classes'),
+    (dict(n_images=3, area_range=(0.4, 0.2)), 'ordered pair'), (dict(n_images=3, class_seed=1.5), 'class_seed'),
+    (dict(n_images=3, body_regions=0), 'body_regions'), (dict(n_images=3, noise=2), 'noise'),
+    (dict(n_images=3, overlap=-0.1), 'overlap'), (dict(n_images=3, ignore_border=9), 'ignore_border')])
+def test_scenes_reject_bad_arguments(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        SyntheticScenes(**kwargs)
