@@ -30,6 +30,7 @@ class ClassifierConfig:
     small_widths: tuple = (16, 32, 64)  # SmallExtractor stage widths
     small_out_channels: int = 64        # SmallExtractor output channels
     small_convs_per_stage: int = 1      # SmallExtractor convolutions per resolution stage
+    small_stride: int = 8               # SmallExtractor output stride: 8, or 4 (only two downsampling stages)
     modulator_width: int = 1024         # channels of the modulator's two 3x3 convolutions
     input_size: int = 321               # images are resized to input_size x input_size if they differ
     batch_size: int = 64
@@ -51,6 +52,8 @@ class ClassifierConfig:
         if self.optimizer not in ('sgd', 'adam'):
             raise ValueError(f"optimizer must be 'sgd' or 'adam'; got {self.optimizer!r}")
         self.small_widths = tuple(self.small_widths)
+        if isinstance(self.small_stride, bool) or self.small_stride not in (4, 8):
+            raise ValueError(f"small_stride must be 4 or 8; got {self.small_stride!r}")
 
     @classmethod
     def voc(cls, **kwargs):
@@ -94,7 +97,7 @@ def build_classifier(cfg: ClassifierConfig, n_classes: int) -> Classifier:
     torch.manual_seed(cfg.seed)
     if cfg.extractor == 'vgg16': ext = vgg16_extractor(pretrained=cfg.pretrained, weights_path=cfg.weights_path)
     else: ext = SmallExtractor(widths=cfg.small_widths, out_channels=cfg.small_out_channels,
-                              convs_per_stage=cfg.small_convs_per_stage)
+                              convs_per_stage=cfg.small_convs_per_stage, stride=cfg.small_stride)
     return Classifier(ext, ParallelModulator(ext.out_channels, n_classes, width=cfg.modulator_width))
 
 # %% ../nbs/03_classifier.ipynb #7002eecc

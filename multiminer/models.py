@@ -106,22 +106,26 @@ def _conv_bn_relu(c_in, c_out, stride=1):
             nn.ReLU(inplace=True)]
 
 class SmallExtractor(_Layers):
-    "Small CPU feature extractor: three downsampling conv-BN-ReLU stages of `widths`, then a conv to `out_channels`; stride 8."
+    "Small CPU feature extractor: three conv-BN-ReLU stages of `widths`, then a conv to `out_channels`; stride 8, or 4."
     stride = 8
-    def __init__(self, in_channels=3, widths=(16, 32, 64), out_channels=64, convs_per_stage=1, downsample='conv'):
-        if len(widths) != 3: raise ValueError(f"SmallExtractor needs 3 stage widths (one per stride-2 stage); got {widths}")
+    def __init__(self, in_channels=3, widths=(16, 32, 64), out_channels=64, convs_per_stage=1, downsample='conv',
+                 stride=8):
+        if len(widths) != 3: raise ValueError(f"SmallExtractor needs 3 stage widths (one per resolution stage); got {widths}")
         if downsample not in ('conv', 'pool'): raise ValueError(f"downsample must be 'conv' or 'pool'; got {downsample!r}")
+        if isinstance(stride, bool) or stride not in (4, 8):
+            raise ValueError(f"SmallExtractor: stride must be 4 or 8 (the output stride); got {stride!r}")
         layers, c = [], in_channels
-        for w in widths:
-            if downsample == 'conv':  # stride-2 conv first, then convs_per_stage-1 more at this resolution
-                layers += _conv_bn_relu(c, w, stride=2); c = w
+        for k, w in enumerate(widths):
+            down = k < 2 or stride == 8  # stride 4: the third stage keeps its input's resolution
+            if downsample == 'conv':     # a stride-2 conv first, then convs_per_stage-1 more at this resolution
+                layers += _conv_bn_relu(c, w, stride=2 if down else 1); c = w
                 for _ in range(convs_per_stage - 1): layers += _conv_bn_relu(c, w)
-            else:                     # convs, then the paper's kernel-3 stride-2 padding-1 max-pool
+            else:                        # convs, then the paper's kernel-3 stride-2 padding-1 max-pool
                 for _ in range(convs_per_stage): layers += _conv_bn_relu(c, w); c = w
-                layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+                if down: layers.append(nn.MaxPool2d(3, stride=2, padding=1))
         layers += _conv_bn_relu(c, out_channels)
         super().__init__(*layers)
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, int(stride)
 
     def forward(self, x):
         _check_nchw(x, self.in_channels, type(self).__name__)

@@ -81,6 +81,23 @@ def test_small_extractor_stride(size, out):
     assert y.shape == (1, 24, out, out)
 
 
+@pytest.mark.parametrize('size,out8,out4', [(96, 12, 24), (97, 13, 25), (321, 41, 81), (9, 2, 3)])
+@pytest.mark.parametrize('kw', [{}, dict(downsample='pool'), dict(convs_per_stage=2)])
+def test_small_extractor_stride_knob(size, out8, out4, kw):
+    "stride=4: only the first two stages downsample; stride=8 (the default) is unchanged."
+    with torch.no_grad():
+        for stride, out in ((8, out8), (4, out4)):
+            net = SmallExtractor(out_channels=24, stride=stride, **kw)
+            assert net.stride == stride and net(torch.rand(1, 3, size, size)).shape == (1, 24, out, out)
+    assert SmallExtractor.stride == SmallExtractor().stride == 8
+    assert count_parameters(SmallExtractor(stride=4, **kw)) == count_parameters(SmallExtractor(**kw))
+
+
+@pytest.mark.parametrize('bad', [1, 2, 16, '4', 4.5, None, True])
+def test_small_extractor_bad_stride(bad):
+    with pytest.raises(ValueError, match='stride must be 4 or 8'): SmallExtractor(stride=bad)
+
+
 def test_heads_shapes_and_errors():
     m = ParallelModulator(16, 5, width=8)
     F = torch.randn(3, 16, 7, 9)

@@ -57,6 +57,23 @@ def test_shapes():
     assert compute_cams(clf, x, size=(7, 9)).shape == (3, 5, 7, 9)
 
 
+def test_small_stride_is_passed_to_the_extractor():
+    assert ClassifierConfig().small_stride == ClassifierConfig.synthetic().small_stride == 8
+    x = torch.rand(2, 3, 32, 32)
+    for stride, side in ((8, 4), (4, 8)):
+        clf = build_classifier(tiny_cfg(small_stride=stride), n_classes=3)
+        assert clf.extractor.stride == stride and clf.cam(x).shape == (2, 3, side, side)
+    with pytest.raises(ValueError, match='small_stride must be 4 or 8'): ClassifierConfig(small_stride=16)
+
+
+def test_small_stride_survives_a_checkpoint(tmp_path):
+    clf = train_classifier(tiny_cfg(small_stride=4, epochs=1), Toy(), progress=False, out_dir=tmp_path)
+    back = load_classifier(tmp_path)
+    assert back.extractor.stride == 4
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(back.eval()(x), clf.eval()(x))
+
+
 def test_vgg_classifier_builds():
     clf = build_classifier(ClassifierConfig.voc(pretrained=False, modulator_width=16), n_classes=20)
     assert clf.extractor.out_channels == 512 and clf.modulator.n_classes == 20

@@ -84,6 +84,24 @@ def test_parameter_counts():
         assert sum(p.numel() for p in DeepLabResNet101(21).parameters()) == 44_048_532
 
 
+def test_small_deeplab_stride_4():
+    m8, m4 = SmallDeepLab(5).eval(), SmallDeepLab(5, stride=4).eval()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        assert m8.features(x).shape == (2, 64, 12, 12) and m4.features(x).shape == (2, 64, 24, 24)
+        assert m4(x).shape == m8(x).shape == (2, 5, 96, 96)
+    with pytest.raises(ValueError, match='stride must be 4 or 8'): SmallDeepLab(5, stride=2)
+
+
+def test_small_deeplab_stride_4_trains_and_reloads(tmp_path):
+    cfg, x, y = _tiny()
+    cfg = SegConfig(**{**cfg.to_dict(), 'epochs': 1, 'model_kwargs': {**cfg.model_kwargs, 'stride': 4}})
+    net = train_segmentation(cfg, x, y, out_dir=tmp_path, progress=False)
+    back = load_segmentation_model(tmp_path)
+    assert net.features.stride == back.features.stride == 4
+    assert torch.equal(predict_masks(net, x[:2]), predict_masks(back, x[:2]))
+
+
 def _tiny():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(12, 3, 32, 32, generator=g)
