@@ -18,7 +18,7 @@ import torch.nn.functional as tnf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .models import SmallExtractor, ParallelModulator, vgg16_extractor
+from .models import SmallExtractor, ParallelModulator, load_checkpoint, vgg16_extractor
 
 # %% ../nbs/03_classifier.ipynb #47623e9a
 @dataclass
@@ -129,12 +129,17 @@ def _prepare(images, cfg, device, train=False):
     return images
 
 def _rng_state():
-    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
+    "The random generators' states as tensors, numbers and tuples only (a checkpoint `load_checkpoint` accepts)."
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    s = dict(torch=torch.get_rng_state(), python=random.getstate(),
+             numpy=(str(name), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)))
     if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
     return s
 
 def _set_rng_state(s):
-    torch.set_rng_state(s['torch']); random.setstate(s['python']); np.random.set_state(s['numpy'])
+    name, key, pos, has_gauss, cached = s['numpy']
+    torch.set_rng_state(s['torch']); random.setstate(s['python'])
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
 CHECKPOINT_NAME = 'classifier.pt'
@@ -143,7 +148,7 @@ def load_classifier(path, device='cpu') -> Classifier:
     "Rebuild a trained `Classifier` from a checkpoint written by `train_classifier` (a file or its `out_dir`)."
     path = Path(path)
     if path.is_dir(): path = path/CHECKPOINT_NAME
-    ck = torch.load(path, map_location=device, weights_only=False)
+    ck = load_checkpoint(path, map_location=device)
     clf = build_classifier(ClassifierConfig(**{**ck['config'], 'pretrained': False, 'weights_path': None}),
                            ck['n_classes'])
     clf.load_state_dict(ck['model']); clf.history = ck['history']
@@ -160,7 +165,7 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
     if resume:
         if ckpt is None: raise ValueError("resume=True needs the out_dir of the run to resume")
         if ckpt.exists():
-            ck = torch.load(ckpt, map_location=device, weights_only=False)
+            ck = load_checkpoint(ckpt, map_location=device)
             changed = {k for k, v in asdict(cfg).items() if k != 'epochs' and ck['config'].get(k) != v}
             if changed: warnings.warn(f"resuming with a configuration that differs from the checkpoint's in {sorted(changed)}")
             clf.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])

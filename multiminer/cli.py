@@ -324,9 +324,10 @@ def load_mining_result(folder):
     "(MiningResult, extras) from a `mine` output folder (or its mining_result.pt); extras: labels, names, data."
     import dataclasses, torch
     from multiminer.mining import MiningResult
+    from multiminer.models import load_checkpoint
     p = Path(folder)
     if p.is_dir(): p = _need(p, 'mining_result.pt', 'mine')/'mining_result.pt'
-    d = torch.load(p, map_location='cpu', weights_only=False)
+    d = load_checkpoint(p)
     keys = {f.name for f in dataclasses.fields(MiningResult)}
     return MiningResult(**{k: d[k] for k in keys}), {k: v for k, v in d.items() if k not in keys}
 
@@ -520,6 +521,7 @@ class PseudoMaskDataset(Dataset):
 def cmd_train_seg(args, argv=()):
     "`multiminer train-seg`: segmentation.train_segmentation on the images and their pseudo masks."
     import torch
+    from multiminer.models import load_checkpoint
     from multiminer.segmentation import SegConfig, train_segmentation
     _check_device(args.device)
     pseudo = Path(args.pseudo)
@@ -539,7 +541,7 @@ def cmd_train_seg(args, argv=()):
     else:
         _need(pseudo, 'pseudo_masks.pt', 'pseudo-labels')
         ds = _synthetic(spec)
-        pairs, masks = ds.images, torch.load(pseudo/'pseudo_masks.pt').long()
+        pairs, masks = ds.images, load_checkpoint(pseudo/'pseudo_masks.pt').long()
         if masks.shape != ds.masks.shape:
             raise CLIError(f"pseudo masks {tuple(masks.shape)} in {pseudo} do not fit the images {tuple(ds.images.shape)}")
     out = Path(args.out)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .models import SmallExtractor, count_parameters, imagenet_state_dict
+from .models import SmallExtractor, count_parameters, imagenet_state_dict, load_checkpoint
 from .metrics import confusion_matrix, miou
 
 # %% ../nbs/08_segmentation.ipynb #45bcdebf
@@ -345,8 +345,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
     with torch.random.fork_rng(devices=cuda_ids):
         torch.manual_seed(cfg.seed)
         ckpt_path = out_dir/'checkpoint.pt' if out_dir is not None else None
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) \
-            if resume and ckpt_path.is_file() else None
+        ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
         if model is None: model = build_segmentation_model(cfg, pretrained=cfg.pretrained and ckpt is None,
                                                            progress=progress)
         model.to(device)
@@ -404,7 +403,7 @@ def load_segmentation_model(path, device='cpu') -> nn.Module:
     if not p.is_file():
         raise FileNotFoundError(f"no segmentation model at {path}: expected a folder written by train_segmentation "
                                 f"(holding model.pt or checkpoint.pt) or the path of one of those files")
-    d = torch.load(p, map_location='cpu', weights_only=False)
+    d = load_checkpoint(p)
     cfg = SegConfig(**d['config'])
     model = build_segmentation_model(cfg, pretrained=False)
     model.load_state_dict(d['model'], strict=True)

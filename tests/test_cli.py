@@ -13,6 +13,20 @@ from multiminer.data import make_voc_fixture
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class RunsCode:
+    "A checkpoint entry whose unpickling would call os.system: what a malicious file does."
+    def __init__(self, cmd): self.cmd = cmd
+    def __reduce__(self):
+        import os
+        return (os.system, (self.cmd,))
+
+
+def crafted(path, marker, **extra):
+    "Write a checkpoint at `path` that would create `marker` if it were unpickled with weights_only=False."
+    torch.save(dict(extra, payload=RunsCode(f'touch {marker}')), path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
@@ -153,3 +167,23 @@ def test_recipe_command_lines_parse():
     for c in recipe_commands():
         args = p.parse_args(c.split()[1:])
         assert args.command == c.split()[1]
+
+
+def test_load_mining_result_refuses_code(tmp_path):
+    marker = tmp_path/'pwned_x'
+    crafted(tmp_path/'mining_result.pt', marker, n_images=1)
+    with pytest.raises(ValueError, match=r"refused to load '.*mining_result\.pt'"): load_mining_result(tmp_path)
+    assert not marker.exists()
+
+
+def test_commands_refuse_code_with_exit_2(tmp_path):
+    "A crafted file where a stage reads a checkpoint: `multiminer ...: error: refused to load ...`, exit 2, nothing run."
+    syn = ['--data', 'synthetic', '--n-images', 12, '--image-size', 32, '--quiet']
+    assert run_cli('train-classifier', *syn, '--epochs', 1, '--out', tmp_path/'c')[0] == 0
+    marker = tmp_path/'pwned_x'
+    crafted(tmp_path/'c'/'classifier.pt', marker, config={})
+    code, _, err = run_cli('mine', '--classifier', tmp_path/'c', '--out', tmp_path/'m', '--max-steps', 1, '--quiet')
+    assert code == 2 and 'multiminer mine: error: refused to load' in err and 'classifier.pt' in err
+    code, _, err = run_cli('train-classifier', *syn, '--epochs', 2, '--out', tmp_path/'c', '--resume')
+    assert code == 2 and 'refused to load' in err
+    assert not marker.exists()

@@ -9,6 +9,20 @@ from multiminer.models import (VGG16_WEIGHTS_FILE, CategoryAwareGenerator, Paral
                                VGG16Extractor, count_parameters, vgg16_extractor)
 
 
+class RunsCode:
+    "A checkpoint entry whose unpickling would call os.system: what a malicious file does."
+    def __init__(self, cmd): self.cmd = cmd
+    def __reduce__(self):
+        import os
+        return (os.system, (self.cmd,))
+
+
+def crafted(path, marker, **extra):
+    "Write a checkpoint at `path` that would create `marker` if it were unpickled with weights_only=False."
+    torch.save(dict(extra, payload=RunsCode(f'touch {marker}')), path)
+    return path
+
+
 @pytest.fixture(scope='module')
 def tv_features():
     torch.manual_seed(0)
@@ -111,3 +125,14 @@ def test_heads_shapes_and_errors():
 
 def test_paper_modulator_count():
     assert count_parameters(ParallelModulator(512, 20, width=1024)) == 14_178_324
+
+
+def test_load_checkpoint_refuses_code(tmp_path):
+    from multiminer.models import load_checkpoint
+    marker = tmp_path/'pwned_x'
+    bad = crafted(tmp_path/'bad.pt', marker, model={})
+    with pytest.raises(ValueError, match=r"refused to load '.*bad\.pt'.*system"): load_checkpoint(bad)
+    with pytest.raises(ValueError, match='refused to load'): vgg16_extractor(weights_path=bad)
+    assert not marker.exists()
+    torch.save(dict(w=torch.ones(2), cfg=dict(a=(1, 2), b=None, c='x')), tmp_path/'ok.pt')
+    assert load_checkpoint(tmp_path/'ok.pt')['cfg'] == dict(a=(1, 2), b=None, c='x')

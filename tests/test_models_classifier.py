@@ -10,6 +10,20 @@ from multiminer.classifier import (Classifier, ClassifierConfig, build_classifie
 from multiminer.models import SmallExtractor, count_parameters
 
 
+class RunsCode:
+    "A checkpoint entry whose unpickling would call os.system: what a malicious file does."
+    def __init__(self, cmd): self.cmd = cmd
+    def __reduce__(self):
+        import os
+        return (os.system, (self.cmd,))
+
+
+def crafted(path, marker, **extra):
+    "Write a checkpoint at `path` that would create `marker` if it were unpickled with weights_only=False."
+    torch.save(dict(extra, payload=RunsCode(f'touch {marker}')), path)
+    return path
+
+
 class Toy(Dataset):
     "Random images whose labels say which colour channels hold a bright square."
     def __init__(self, n=16, size=32, seed=0):
@@ -147,3 +161,25 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     clf = train_classifier(tiny_cfg(epochs=1), Toy(8), out_dir=tmp_path, resume=True, progress=False)
     assert len(clf.history) == 1
     with pytest.raises(ValueError, match='out_dir'): train_classifier(tiny_cfg(), Toy(8), resume=True)
+
+
+def test_load_classifier_refuses_code(tmp_path):
+    marker = tmp_path/'pwned_x'
+    crafted(tmp_path/'classifier.pt', marker, config={}, n_classes=3)
+    with pytest.raises(ValueError, match=r"refused to load '.*classifier\.pt'"): load_classifier(tmp_path)
+    assert not marker.exists()
+
+
+def test_resume_refuses_code(tmp_path):
+    marker = tmp_path/'pwned_x'
+    crafted(tmp_path/'classifier.pt', marker, config={}, epoch=1)
+    with pytest.raises(ValueError, match=r"refused to load '.*classifier\.pt'"):
+        train_classifier(tiny_cfg(), Toy(), progress=False, out_dir=tmp_path, resume=True)
+    assert not marker.exists()
+
+
+def test_checkpoint_is_plain(tmp_path):
+    "What train_classifier writes loads with weights_only=True, random states included."
+    train_classifier(tiny_cfg(epochs=1), Toy(), progress=False, out_dir=tmp_path)
+    ck = torch.load(tmp_path/'classifier.pt', weights_only=True)
+    assert isinstance(ck['config'], dict) and ck['config']['small_stride'] == 8 and ck['epoch'] == 1

@@ -11,6 +11,20 @@ from multiminer.segmentation import (DeepLabLargeFOV, DeepLabResNet101, SegConfi
                                      load_segmentation_model, predict, predict_masks, train_segmentation)
 
 
+class RunsCode:
+    "A checkpoint entry whose unpickling would call os.system: what a malicious file does."
+    def __init__(self, cmd): self.cmd = cmd
+    def __reduce__(self):
+        import os
+        return (os.system, (self.cmd,))
+
+
+def crafted(path, marker, **extra):
+    "Write a checkpoint at `path` that would create `marker` if it were unpickled with weights_only=False."
+    torch.save(dict(extra, payload=RunsCode(f'touch {marker}')), path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
@@ -190,3 +204,26 @@ def test_crf_workers_give_the_serial_result():
     assert torch.equal(predict_masks(m, x, crf=True, crf_workers=2), serial)
     y = predict_masks(m, x)
     assert evaluate(m, x, y, crf=True, crf_workers=2) == evaluate(m, x, y, crf=True)
+
+
+def test_load_segmentation_model_refuses_code(tmp_path):
+    marker = tmp_path/'pwned_x'
+    crafted(tmp_path/'model.pt', marker, config={}, model={})
+    with pytest.raises(ValueError, match=r"refused to load '.*model\.pt'"): load_segmentation_model(tmp_path)
+    assert not marker.exists()
+
+
+def test_resume_refuses_code(tmp_path):
+    cfg, x, y = _tiny()
+    marker = tmp_path/'pwned_x'
+    crafted(tmp_path/'checkpoint.pt', marker, config=cfg.to_dict())
+    with pytest.raises(ValueError, match=r"refused to load '.*checkpoint\.pt'"):
+        train_segmentation(cfg, x, y, out_dir=tmp_path, resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_checkpoints_are_plain(tmp_path):
+    cfg, x, y = _tiny()
+    train_segmentation(SegConfig(**{**cfg.to_dict(), 'epochs': 1}), x, y, out_dir=tmp_path, progress=False)
+    for name in ('checkpoint.pt', 'model.pt'):
+        assert isinstance(torch.load(tmp_path/name, weights_only=True)['config'], dict)
