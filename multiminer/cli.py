@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'DATA_KINDS', 'SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'N_VAL_SYNTHETIC', 'RUN_FILE', 'MULTI_SCALES', 'CLIError',
-           'build_parser', 'read_run', 'write_run', 'resolve_data', 'VOCImages', 'cmd_demo', 'cmd_train_classifier',
-           'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_pseudo_labels', 'PseudoMaskDataset',
-           'cmd_train_seg', 'cmd_evaluate', 'main']
+           'build_parser', 'read_run', 'write_run', 'resolve_data', 'VOCImages', 'cmd_demo', 'cmd_table2', 'cmd_fig6',
+           'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_pseudo_labels',
+           'PseudoMaskDataset', 'cmd_train_seg', 'cmd_evaluate', 'main']
 
 # %% ../nbs/11_cli.ipynb #3314d257
 import argparse, json, os, re, sys, time
@@ -113,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--no-crf', action='store_true', help="skip the dense-CRF pseudo masks")
     d.add_argument('--no-segmentation', action='store_true', help="skip training the segmentation networks")
     d.add_argument('--quiet', action='store_true', help="print only the result, no progress")
+    d.add_argument('--data', choices=('scenes', 'shapes'), default='scenes', help="'scenes': SyntheticScenes, the "
+                   "VOC-like default; 'shapes': SyntheticShapes, the simple teaching set")
+    for name, what, fig in (('table2', "Table 2: mining at each fixed scale against the multi-scale schedule, "
+                             "pseudo-mask and segmentation mIoU per row (table2.json)", 'runs/table2'),
+                            ('fig6', "Fig. 6: segmentation mIoU of networks trained on the first T merged steps, "
+                             "T = 1, 2, ... (fig6.json)", 'runs/fig6')):
+        x = add(name, [], what + ". On the synthetic benchmark, with the demo's settings.", ex(f"multiminer {name} --out {fig}"))
+        x.add_argument('--out', default=fig, help=f"output folder (default {fig})")
+        for a in ('--seed', '--n-images', '--n-classes', '--image-size', '--device', '--resume', '--quiet', '--data'):
+            x._add_action(next(act for act in d._actions if a in act.option_strings))
 
     c = add('train-classifier', [data, train, run], "Stage 0: train the feature extractor and the parallel "
             "modulator as a multi-label classifier.",
@@ -136,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--out', required=True, metavar='DIR', help="output folder (masks/*.png for VOC, "
                    "pseudo_masks.pt for synthetic data, summary.json)")
     q.add_argument('--bg-threshold', type=_fraction, metavar='T', help="background where the strongest present class's "
-                   "strength is below this (default: the demo's, 0.9, or 0.8 with --crf)")
+                   "strength is below this (default: 1 - the mining run's region_threshold, the same 'mined' as its stop rule; the demo's CRF value with --crf)")
     q.add_argument('--saliency', metavar='DIR', help="background cues: one grey-scale PNG per image, "
                    "<image id>.png, foreground bright (SeeNet's maps for VOC)")
-    q.add_argument('--saliency-threshold', type=_fraction, default=0.5, metavar='T', help="saliency below this is "
-                   "background (default 0.5)")
+    q.add_argument('--saliency-threshold', type=_fraction, default=32 / 255, metavar='T', help="saliency below this is "
+                   "not salient (default 32/255, SeeNet's); salient-but-not-mined and mined-but-not-salient pixels are ignored (255)")
     q.add_argument('--crf', action='store_true', help="refine with the dense CRF (DeepLab's parameters)")
     q.add_argument('--workers', type=_int_at_least(0), default=0, metavar='N', help="processes for the CRF (default 0: this one)")
     q.add_argument('--voc-root', metavar='DIR', help="VOC data root, if it moved since mining")
@@ -265,19 +275,36 @@ def _need(folder, name, made_by):
     return p
 
 # %% ../nbs/11_cli.ipynb #75fd356e
-def cmd_demo(args, argv=()):
-    "`multiminer demo`: run_demo with the command-line arguments."
-    from multiminer.demo import check_demo_args, run_demo
+def _demo_kw(args):
+    from multiminer.demo import check_demo_args
     kw = dict(out=args.out, seed=args.seed, n_images=args.n_images, n_classes=args.n_classes,
               image_size=args.image_size, device=args.device)
     try: check_demo_args(**kw)
     except ValueError as e: raise CLIError(str(e)) from e
-    m = run_demo(**kw, resume=args.resume, crf=not args.no_crf, segmentation=not args.no_segmentation,
-                 progress=not args.quiet)
-    print("pseudo-mask mIoU: " + ", ".join(f"{k} {v:.1f}" for k, v in m['miou'].items())
+    return dict(kw, resume=args.resume, progress=not args.quiet, data=args.data)
+
+def cmd_demo(args, argv=()):
+    "`multiminer demo`: run_demo with the command-line arguments."
+    from multiminer.demo import run_demo
+    m = run_demo(**_demo_kw(args), crf=not args.no_crf, segmentation=not args.no_segmentation)
+    print("pseudo-mask mIoU (saliency cue): " + ", ".join(f"{k} {v['saliency']:.1f}" for k, v in m['pseudo_miou'].items())
           + (("; segmentation mIoU: " + ", ".join(f"{k} {v:.1f}" for k, v in m['segmentation_miou'].items()))
              if 'segmentation_miou' in m else "") + f"  ({Path(args.out)/'metrics.json'})")
     return m
+
+def cmd_table2(args, argv=()):
+    "`multiminer table2`: demo.run_table2."
+    from multiminer.demo import run_table2
+    res = run_table2(**_demo_kw(args))
+    for name, row in res['rows'].items(): print(f"{name:12s} pseudo {row['pseudo_miou']:5.1f}  segmentation {row['segmentation_miou']:5.1f}")
+    return res
+
+def cmd_fig6(args, argv=()):
+    "`multiminer fig6`: demo.run_segmentation_by_steps."
+    from multiminer.demo import run_segmentation_by_steps
+    res = run_segmentation_by_steps(**_demo_kw(args))
+    print("segmentation mIoU by merged steps: " + ", ".join(f"{v:.1f}" for v in res['segmentation_miou_by_steps']))
+    return res
 
 # %% ../nbs/11_cli.ipynb #3c3b7572
 def _plural(n, word): return f"{n} {word}{'' if n == 1 else 's'}"
@@ -449,7 +476,7 @@ def cmd_pseudo_labels(args, argv=()):
     spec, preset, seed, input_size = resolve_data(args, up)
     labels, names = extra['labels'], extra['names']
     fields = DemoSettings.__dataclass_fields__
-    bg = args.bg_threshold if args.bg_threshold is not None else fields['bg_multiminer_crf' if args.crf else 'bg_multiminer'].default
+    bg = args.bg_threshold if args.bg_threshold is not None else (fields['bg_multiminer_crf'].default if args.crf else result.bg_threshold)
     if args.saliency is not None and not Path(args.saliency).is_dir():
         raise CLIError(f"--saliency {args.saliency}: no such folder (expected one grey-scale PNG per image, "
                        f"named <image id>.png)")
@@ -604,7 +631,8 @@ def cmd_evaluate(args, argv=()):
 
 # %% ../nbs/11_cli.ipynb #890afd6d
 _HANDLERS = {'demo': cmd_demo, 'train-classifier': cmd_train_classifier, 'mine': cmd_mine,
-             'pseudo-labels': cmd_pseudo_labels, 'train-seg': cmd_train_seg, 'evaluate': cmd_evaluate}
+             'pseudo-labels': cmd_pseudo_labels, 'train-seg': cmd_train_seg, 'evaluate': cmd_evaluate,
+             'table2': cmd_table2, 'fig6': cmd_fig6}
 
 def _user_error(e):
     "Is `e` an error the user can fix from its message alone (no traceback wanted)?"

@@ -6,7 +6,8 @@
 __all__ = ['METHODS', 'CUES', 'DATA_KINDS', 'DemoSettings', 'check_demo_args', 'score_masks', 'pseudo_miou', 'spearman',
            'object_areas', 'size_bins', 'by_size', 'object_iou', 'outside_ratio', 'train_saliency', 'saliency_maps',
            'foreground_iou', 'plot_steps', 'plot_miou_by_steps', 'plot_steps_vs_size', 'plot_probs_by_step',
-           'make_synthetic', 'mine_all', 'all_pseudo_masks', 'run_demo']
+           'make_synthetic', 'mine_all', 'all_pseudo_masks', 'prepare', 'train_and_score', 'run_demo', 'run_table2',
+           'run_segmentation_by_steps']
 
 # %% ../nbs/09_demo.ipynb #468aeb4f
 import json, math, time
@@ -52,8 +53,9 @@ class DemoSettings:
         stride = 4 if data == 'scenes' else 8
         mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=8)
         seg = dict(crop_size=image_size, seed=seed, model_kwargs=dict(stride=stride))
-        return cls(classifier=ClassifierConfig.synthetic(input_size=image_size, seed=seed, epochs=24, lr_step_epoch=18,
-                                                         small_stride=stride),
+        width = 64 if stride == 4 else 128   # the same cost per image at stride 4 (4x the positions) as width 128 at stride 8
+        return cls(classifier=ClassifierConfig.synthetic(input_size=image_size, seed=seed, epochs=16, lr_step_epoch=12,
+                                                         small_stride=stride, modulator_width=width),
                    mining=mining,
                    erasing=ErasingConfig(steps=3, scales=mining.scales, n_m=mining.n_m, seed=seed),
                    segmentation=SegConfig.synthetic(n_classes=n_classes + 1, **seg),
@@ -246,6 +248,40 @@ def all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=True):
         if crf: out[k]['crf'] = crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True))
     return out
 
+def prepare(S:DemoSettings, out, seed, n_images, n_classes, image_size, device='cpu', resume=False, progress=True, secs=None):
+    "What every experiment starts from: the data, the stage-0 classifier, the features at every scale and the saliency cues."
+    secs = {} if secs is None else secs
+    def stage(name, t0): secs[name] = round(time.time() - t0, 2); _say(progress, f"   [{name}: {secs[name]:.1f}s]")
+    out = Path(out)
+    t0 = time.time(); _say(progress, f"== data: {S.data} ({n_images} images, {n_classes} classes, {image_size}px, seed {seed})")
+    ds = make_synthetic(S.data, n_images, n_classes, image_size, seed)
+    stage('data', t0)
+
+    t0 = time.time(); _say(progress, "== stage 0: classifier (extractor + modulator, multi-label loss)")
+    clf = train_classifier(S.classifier, ds, device=device, progress=progress, out_dir=out/'classifier', resume=resume)
+    freeze(clf.extractor); stage('classifier', t0)
+
+    t0 = time.time(); scales = sorted(set(S.mining.scales) | {image_size})
+    _say(progress, f"== features at scales {scales}")
+    bank = FeatureBank(clf.extractor, ds.images, scales, device=device)
+    for s in bank.scales: bank[s]
+    stage('features', t0)
+
+    t0 = time.time(); _say(progress, f"== saliency network on its own split ({S.n_saliency} images of other classes)")
+    sal_ds = make_synthetic(S.data, S.n_saliency, n_classes, image_size, seed + 200_000, class_seed=1)
+    sal_net = train_saliency(S.saliency, sal_ds, device=device, out_dir=out/'saliency', resume=resume)
+    saliency = saliency_maps(sal_net, ds.images, device=device)
+    sal_iou = round(foreground_iou(saliency, ds.masks, SALIENCY_BG), 2)
+    _say(progress, f"   saliency foreground IoU on the mined images: {sal_iou:.1f}")
+    stage('saliency', t0)
+    return dict(ds=ds, clf=clf, bank=bank, saliency=saliency, saliency_fg_iou=sal_iou)
+
+def train_and_score(S, name, images, target, val, n_classes, out, device='cpu', resume=False):
+    "Segmentation mIoU (percent) on the validation split of a network trained on `target` masks."
+    model = train_segmentation(S.segmentation, images, target, device=device, out_dir=Path(out)/'segmentation'/name,
+                               resume=resume, progress=False)
+    return round(evaluate(model, val.images, val.masks, n_classes=n_classes + 1, device=device), 2)
+
 def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu', resume=False,
              crf=True, segmentation=True, progress=True, data='scenes', settings:DemoSettings=None) -> dict:
     "The whole pipeline on the synthetic benchmark; writes metrics.json and figures into `out` and returns the metrics."
@@ -255,20 +291,8 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
     secs, t_all = {}, time.time()
     def stage(name, t0): secs[name] = round(time.time() - t0, 2); _say(progress, f"   [{name}: {secs[name]:.1f}s]")
 
-    t0 = time.time(); _say(progress, f"== data: {S.data} ({n_images} images, {n_classes} classes, {image_size}px, seed {seed})")
-    ds = make_synthetic(S.data, n_images, n_classes, image_size, seed)
-    images, labels, masks = ds.images, ds.labels, ds.masks
-    stage('data', t0)
-
-    t0 = time.time(); _say(progress, "== stage 0: classifier (extractor + modulator, multi-label loss)")
-    clf = train_classifier(S.classifier, ds, device=device, progress=progress, out_dir=out/'classifier', resume=resume)
-    freeze(clf.extractor); stage('classifier', t0)
-
-    t0 = time.time(); scales = sorted(set(S.mining.scales) | {image_size})
-    _say(progress, f"== features at scales {scales}")
-    bank = FeatureBank(clf.extractor, images, scales, device=device)
-    for s in bank.scales: bank[s]
-    stage('features', t0)
+    P = prepare(S, out, seed, n_images, n_classes, image_size, device, resume, progress, secs)
+    images, labels, masks, clf, bank, saliency = P['ds'].images, P['ds'].labels, P['ds'].masks, P['clf'], P['bank'], P['saliency']
 
     t0 = time.time(); _say(progress, f"== CAM; fixed-step erasing, {S.erasing.steps} steps for every object; multi-miner, "
                                      f"scales {S.mining.scales}, at most {S.mining.max_steps} steps")
@@ -278,14 +302,6 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
         _say(progress, f"   pseudo-mask mIoU of the first {miner.state.t} steps merged: {miner.state.history[-1]['miou_merged']:.1f}")
     strengths, result = mine_all(S, clf, bank, labels, image_size, device, out, resume, progress, by_steps)
     stage('mining', t0)
-
-    t0 = time.time(); _say(progress, f"== saliency network on its own split ({S.n_saliency} images of other classes)")
-    sal_ds = make_synthetic(S.data, S.n_saliency, n_classes, image_size, seed + 200_000, class_seed=1)
-    sal_net = train_saliency(S.saliency, sal_ds, device=device, out_dir=out/'saliency', resume=resume)
-    saliency = saliency_maps(sal_net, images, device=device)
-    sal_iou = round(foreground_iou(saliency, masks, SALIENCY_BG), 2)
-    _say(progress, f"   saliency foreground IoU on the mined images: {sal_iou:.1f}")
-    stage('saliency', t0)
 
     t0 = time.time(); _say(progress, "== pseudo masks: every method with every cue (threshold, crf, saliency)")
     pm = all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=crf)
@@ -307,7 +323,7 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
         steps_by_size=by_size(result.steps.float(), areas),
         stop_reasons=result.stop_reasons(),
         outside_ratio_by_size=by_size(outside_ratio(result, masks), areas),
-        saliency_fg_iou=sal_iou,
+        saliency_fg_iou=P['saliency_fg_iou'],
         n_objects=len(result.objects), mining_steps_run=len(result.history))
     if S.mining.min_region > 0:   # the ablation: the same mining with the area test off
         t0 = time.time(); _say(progress, "== ablation: mining with the area test off (min_region=0)")
@@ -322,9 +338,7 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
         seg = {}
         for name in METHODS + ('ground_truth',):
             target = masks if name == 'ground_truth' else pm[name]['saliency']
-            model = train_segmentation(S.segmentation, images, target, device=device, out_dir=out/'segmentation'/name,
-                                       resume=resume, progress=False)
-            seg[name] = round(evaluate(model, val.images, val.masks, n_classes=n_classes + 1, device=device), 2)
+            seg[name] = train_and_score(S, name, images, target, val, n_classes, out, device, resume)
             _say(progress, f"   segmentation mIoU, trained on {name:14s} {seg[name]:5.1f}")
         metrics['segmentation_miou'] = seg
         stage('segmentation', t0)
@@ -346,3 +360,49 @@ def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, 
     (out/'metrics.json').write_text(json.dumps(metrics, indent=1))
     _say(progress, f"== done in {secs['total']:.0f}s: {out/'metrics.json'}")
     return metrics
+
+# %% ../nbs/09_demo.ipynb #9fbc53de
+def _experiment_settings(out, seed, n_classes, image_size, data, settings):
+    check_demo_args(out, seed, 600, n_classes, image_size)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return settings or DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed, data=data)
+
+def run_table2(out='runs/table2', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu', resume=False,
+               progress=True, data='scenes', settings:DemoSettings=None) -> dict:
+    "Table 2: pseudo-mask (saliency cue) and segmentation mIoU of mining at each fixed scale and with the multi-scale schedule; writes table2.json."
+    S = _experiment_settings(out, seed, n_classes, image_size, data, settings); out = Path(out)
+    P = prepare(S, out, seed, n_images, n_classes, image_size, device, resume, progress)
+    ds, val = P['ds'], make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
+    rows = {}
+    for scales in [(s,) for s in S.mining.scales] + [S.mining.scales]:
+        name = 'multi-scale' if len(scales) > 1 else f"{scales[0]}px"
+        cfg = MiningConfig(**{**asdict(S.mining), 'scales': scales, 'batch_sizes': S.mining.batch_sizes[:len(scales)], 'keep_step_maps': 0})
+        _say(progress, f"== mining at {name}")
+        r = MultiMiner(P['clf'].modulator, cfg, device=device).run(P['bank'], ds.labels, out_dir=out/f'mining_{name}', resume=resume, progress=False)
+        pm = pseudo_masks(r.strength(), ds.labels, size=image_size, bg_threshold=r.bg_threshold, saliency=P['saliency'])
+        rows[name] = dict(pseudo_miou=round(score_masks(pm, ds.masks, n_classes)[0], 2),
+                          segmentation_miou=train_and_score(S, name, ds.images, pm, val, n_classes, out, device, resume),
+                          steps_run=len(r.history))
+        _say(progress, f"   {name}: {rows[name]}")
+    res = dict(rows=rows, config=dict(seed=seed, n_images=n_images, data=S.data, settings=S.to_dict()))
+    (out/'table2.json').write_text(json.dumps(res, indent=1))
+    return res
+
+def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu',
+                              resume=False, progress=True, data='scenes', settings:DemoSettings=None) -> dict:
+    "Fig. 6: segmentation mIoU of networks trained on the pseudo masks (saliency cue) of the first T merged steps, T = 1..; writes fig6.json."
+    S = _experiment_settings(out, seed, n_classes, image_size, data, settings); out = Path(out)
+    P = prepare(S, out, seed, n_images, n_classes, image_size, device, resume, progress)
+    ds, val = P['ds'], make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
+    merged = []   # the merged maps after each step, as uint8: Eq. 7 over the first T steps
+    def snapshot(miner): merged.append((miner.state.pools[-1] * 255).round().to(torch.uint8))
+    r = MultiMiner(P['clf'].modulator, S.mining, device=device).run(P['bank'], ds.labels, progress=progress, callback=snapshot)
+    curve = []
+    for T, m in enumerate(merged, 1):
+        r.merged = m.float() / 255
+        pm = pseudo_masks(r.strength(), ds.labels, size=image_size, bg_threshold=r.bg_threshold, saliency=P['saliency'])
+        curve.append(train_and_score(S, f'steps_{T}', ds.images, pm, val, n_classes, out, device, resume))
+        _say(progress, f"   first {T} steps merged: segmentation mIoU {curve[-1]:.1f}")
+    res = dict(segmentation_miou_by_steps=curve, config=dict(seed=seed, n_images=n_images, data=S.data, settings=S.to_dict()))
+    (out/'fig6.json').write_text(json.dumps(res, indent=1))
+    return res
