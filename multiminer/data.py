@@ -168,145 +168,149 @@ class SyntheticShapes(Dataset):
         self._draw()
         self._render()
 
-    def _draw(self):
-        "Draw every random parameter of every image: (N, K) for the K object slots, (N, Q) for the Q clutter slots."
-        N, C, S, cfg = self.n_images, self.n_classes, self.image_size, self.config
-        g = self._gen = torch.Generator().manual_seed(self.seed)
-        K = min(cfg['objects_per_image'][1], C)
-        n_obj = torch.randint(cfg['objects_per_image'][0], cfg['objects_per_image'][1] + 1, (N,), generator=g)
-        p = dict(active=torch.arange(K)[None] < n_obj.clamp(max=C)[:, None])
-        p['cls'] = torch.argsort(torch.rand(N, C, generator=g), dim=1)[:, :K]  # distinct classes per image
-        lo, hi = map(math.log, cfg['scale_range'])
-        side = torch.exp(_uniform(g, (N, K), (lo, hi))) * S
-        # largest first among the image's objects (sorting all K slots would make a lone object the largest of K)
-        side = torch.where(p['active'], side, 0).sort(dim=1, descending=True).values
-        side = torch.where(p['active'], side, math.exp(lo) * S)                        # unused slots: any size
-        area, asp = side ** 2, _uniform(g, (N, K), cfg['aspect_range'])
-        p['a'] = torch.sqrt(area / (math.pi * asp)); p['b'] = asp * p['a']             # semi-axes
-        p['theta'] = _uniform(g, (N, K), (0, math.pi))
-        c, s = p['theta'].cos(), p['theta'].sin()
-        ex = torch.sqrt((p['a'] * c) ** 2 + (p['b'] * s) ** 2)                           # half bounding box
-        ey = torch.sqrt((p['a'] * s) ** 2 + (p['b'] * c) ** 2)
-        M = 12                                                                            # candidate positions
-        cand_x = ex[..., None] + (S - 2 * ex[..., None]).clamp(min=0) * torch.rand(N, K, M, generator=g)
-        cand_y = ey[..., None] + (S - 2 * ey[..., None]).clamp(min=0) * torch.rand(N, K, M, generator=g)
-        R, cx, cy = torch.sqrt(p['a'] * p['b']), torch.zeros(N, K), torch.zeros(N, K)
-        for k in range(K):  # place objects one by one where they overlap the ones placed least
-            clash = torch.zeros(N, M)
-            for j in range(k):
-                d = torch.sqrt((cand_x[:, k] - cx[:, j, None]) ** 2 + (cand_y[:, k] - cy[:, j, None]) ** 2)
-                clash += ((R[:, j, None] + R[:, k, None]) - d).clamp(min=0) * p['active'][:, j, None]
-            best = clash.argmin(dim=1, keepdim=True)
-            cx[:, k], cy[:, k] = cand_x[:, k].gather(1, best)[:, 0], cand_y[:, k].gather(1, best)[:, 0]
-        p['cx'], p['cy'] = cx, cy
-        spacing = 1.0 / C
-        def body_colours(cls, shape):  # the class's hue, jittered and desaturated, at a random brightness
-            hue = cls.float() * spacing + _uniform(g, shape, (-1, 1)) * cfg['body_hue_jitter'] * spacing
-            return _hsv_to_rgb(hue, _uniform(g, shape, cfg['body_saturation']), _uniform(g, shape, cfg['body_value']))
-        p['body_rgb'] = body_colours(p['cls'], (N, K))                                      # (N, K, 3)
-        freq = _uniform(g, (N, K), (12 / S, 28 / S)) * 2 * math.pi                         # stripes: 12-28 per image
-        phi = _uniform(g, (N, K), (0, math.pi))
-        p['tex_u'], p['tex_v'] = freq * phi.cos(), freq * phi.sin()
-        p['tex_phase'] = _uniform(g, (N, K), (0, 2 * math.pi))
-        p['part_half'] = torch.sqrt(_uniform(g, (N, K), cfg['part_fraction']) * area) / 2
-        r, ang = torch.sqrt(torch.rand(N, K, generator=g)), _uniform(g, (N, K), (0, 2 * math.pi))
-        p['part_u'] = r * ang.cos() * (p['a'] - p['part_half']).clamp(min=0)                # part centre, object frame
-        p['part_v'] = r * ang.sin() * (p['b'] - p['part_half']).clamp(min=0)
-        self.part_colors = _hsv_to_rgb(torch.arange(C) * spacing, torch.ones(C), torch.ones(C))  # (C, 3)
-        Q = cfg['clutter'][1]
-        n_cl = torch.randint(cfg['clutter'][0], Q + 1, (N,), generator=g)
-        p['cl_on'] = torch.arange(Q)[None] < n_cl[:, None]
-        line = torch.rand(N, Q, generator=g) < cfg['line_fraction']
-        p['cl_x'], p['cl_y'] = _uniform(g, (N, Q), (0, S)), _uniform(g, (N, Q), (0, S))
-        length = torch.where(line, _uniform(g, (N, Q), cfg['clutter_length']) * S, torch.zeros(N, Q))
-        ang = _uniform(g, (N, Q), (0, 2 * math.pi))
-        p['cl_dx'], p['cl_dy'], p['cl_len'] = ang.cos(), ang.sin(), length
-        p['cl_half'] = torch.where(line, _uniform(g, (N, Q), cfg['clutter_width']) * S / 2,
-                                   _uniform(g, (N, Q), cfg['blob_radius']) * S)
-        p['cl_rgb'] = body_colours(torch.randint(0, C, (N, Q), generator=g), (N, Q))    # any class's body colour
-        p['bg_rgb'] = _hsv_to_rgb(_uniform(g, (N,), (0, 1)), _uniform(g, (N,), (0, 0.15)), _uniform(g, (N,), (0.25, 0.55)))
-        p['bg_var'] = torch.randn(N, 3, 4, 4, generator=g) * cfg['background_variation']
-        self.params = p
-
-    def _render(self):
-        "Paint the images chunk by chunk into a map of *layers* (background, clutter items, bodies, parts), then colour it."
-        N, C, S, cfg, p, g = self.n_images, self.n_classes, self.image_size, self.config, self.params, self._gen
-        K, Q = p['a'].shape[1], p['cl_on'].shape[1]
-        # per image, one colour and one mask value per layer: 0 background | 1..Q clutter | bodies | parts' colour
-        # squares | parts' black squares (K layers each, in object order)
-        body, pcol, pblack = Q + 1, Q + K + 1, Q + 2 * K + 1
-        palette = torch.zeros(N, Q + 3 * K + 1, 3)
-        palette[:, 1:body], palette[:, body:pcol], palette[:, pcol:pblack] = p['cl_rgb'], p['body_rgb'], self.part_colors[p['cls']]
-        layer_class = torch.zeros(N, Q + 3 * K + 1, dtype=torch.long)
-        for first in (body, pcol, pblack): layer_class[:, first:first + K] = p['cls'] + 1
-        part_class = torch.cat([torch.zeros(N, 1, dtype=torch.long), p['cls'] + 1], 1)
-        self.images = torch.empty(N, 3, S, S)
-        self.masks = torch.empty(N, S, S, dtype=torch.long)
-        self.part_masks = torch.empty(N, S, S, dtype=torch.long)
-        xs = torch.arange(S, dtype=torch.float32) + 0.5  # pixel centres
-        # clutter is drawn in a box of B x B pixels around each item
-        B = math.ceil(cfg['clutter_length'][1] * S + 2 * max(cfg['clutter_width'][1] * S / 2, cfg['blob_radius'][1] * S)) + 2
-        box = torch.arange(B)
-        for start in range(0, N, self._CHUNK):
-            sl = slice(start, min(N, start + self._CHUNK))
-            P = {k: v[sl] for k, v in p.items()}
-            n = len(P['bg_rgb'])
-            layer = torch.zeros(n, S, S, dtype=torch.uint8)
-            if Q:  # clutter: every pixel within cl_half of a segment (a blob is a segment of length 0)
-                x1, y1 = P['cl_x'] + P['cl_len'] * P['cl_dx'], P['cl_y'] + P['cl_len'] * P['cl_dy']
-                bx = (torch.minimum(P['cl_x'], x1) - P['cl_half']).floor().long()[..., None] + box  # (n, Q, B)
-                by = (torch.minimum(P['cl_y'], y1) - P['cl_half']).floor().long()[..., None] + box
-                X, Y = (bx + 0.5 - P['cl_x'][..., None])[:, :, None, :], (by + 0.5 - P['cl_y'][..., None])[:, :, :, None]
-                e = lambda t: t[..., None, None]
-                along = X * e(P['cl_dx']) + Y * e(P['cl_dy'])
-                across = Y * e(P['cl_dx']) - X * e(P['cl_dy'])
-                along = along - torch.minimum(along.clamp(min=0), e(P['cl_len']))
-                hit = (along * along + across * across < e(P['cl_half']) ** 2) & e(P['cl_on'])
-                hit &= ((bx >= 0) & (bx < S))[:, :, None, :] & ((by >= 0) & (by < S))[:, :, :, None]
-                flat = (torch.arange(n)[:, None, None, None] * S + by[..., None]) * S + bx[:, :, None, :]
-                for q in range(Q):  # the last item drawn wins
-                    layer.view(-1)[flat[:, q][hit[:, q]]] = q + 1
-            shade = torch.ones(n, S, S)
-            part_of = torch.zeros(n, S, S, dtype=torch.uint8)
-            for k in range(K):  # largest first
-                e = lambda t: t[:, k, None, None]
-                c, s = e(P['theta']).cos(), e(P['theta']).sin()
-                dx, dy = xs[None, None, :] - e(P['cx']), xs[None, :, None] - e(P['cy'])
-                u, v = dx * c + dy * s, dy * c - dx * s                                  # object frame
-                obj = ((u * u) / e(P['a'] ** 2) + (v * v) / e(P['b'] ** 2) <= 1) & e(P['active'])
-                layer.masked_fill_(obj, body + k)
-                stripes = torch.sin(u * e(P['tex_u']) + v * e(P['tex_v']) + e(P['tex_phase'])).mul_(cfg['body_texture']).add_(1)
-                shade = torch.where(obj, stripes, shade)
-                du, dv = u - e(P['part_u']), v - e(P['part_v'])
-                part = obj & (du.abs() < e(P['part_half'])) & (dv.abs() < e(P['part_half']))
-                part_of.masked_fill_(obj, 0).masked_fill_(part, k + 1)
-                if cfg['show_parts']:
-                    checker = (du >= 0) ^ (dv >= 0)
-                    layer.masked_fill_(part & checker, pcol + k).masked_fill_(part & ~checker, pblack + k)
-                    shade.masked_fill_(part, 1.0)
-            L = layer.long().flatten(1)                                                   # (n, S*S)
-            rgb = palette[sl].transpose(1, 2).gather(2, L[:, None].expand(-1, 3, -1)).view(n, 3, S, S)
-            bg = P['bg_rgb'][:, :, None, None] + nnf.interpolate(P['bg_var'], size=(S, S), mode='bilinear',
-                                                                 align_corners=False)
-            img = torch.where(layer[:, None] == 0, bg, rgb * shade[:, None])
-            if cfg['noise']: img += cfg['noise'] * torch.randn(img.shape, generator=g)
-            self.images[sl] = img.clamp_(0, 1)
-            self.masks[sl] = layer_class[sl].gather(1, L).view(n, S, S)
-            self.part_masks[sl] = part_class[sl].gather(1, part_of.long().flatten(1)).view(n, S, S)
-        self.labels = labels_from_mask(self.masks, self.n_classes)
-        if cfg['ignore_border']:  # pixels within ignore_border of a different label
-            k = 2 * cfg['ignore_border'] + 1
-            m = self.masks[:, None].float()
-            edge = (nnf.max_pool2d(m, k, 1, k // 2) != -nnf.max_pool2d(-m, k, 1, k // 2))[:, 0]
-            self.masks[edge] = IGNORE_INDEX
-        self.areas = torch.stack([(self.masks == c + 1).flatten(1).sum(1) for c in range(self.n_classes)], 1)
-        del self._gen
-
     def __len__(self): return self.n_images
     def __getitem__(self, i): return self.images[i], self.labels[i], self.masks[i]
     def __repr__(self):
         return (f"{type(self).__name__}(n_images={self.n_images}, n_classes={self.n_classes}, "
                 f"image_size={self.image_size}, seed={self.seed})")
+
+# %% ../nbs/01_data.ipynb #ca64496e
+@patch
+def _draw(self: SyntheticShapes):
+    "Draw every random parameter of every image: (N, K) for the K object slots, (N, Q) for the Q clutter slots."
+    N, C, S, cfg = self.n_images, self.n_classes, self.image_size, self.config
+    g = self._gen = torch.Generator().manual_seed(self.seed)
+    K = min(cfg['objects_per_image'][1], C)
+    n_obj = torch.randint(cfg['objects_per_image'][0], cfg['objects_per_image'][1] + 1, (N,), generator=g)
+    p = dict(active=torch.arange(K)[None] < n_obj.clamp(max=C)[:, None])
+    p['cls'] = torch.argsort(torch.rand(N, C, generator=g), dim=1)[:, :K]  # distinct classes per image
+    lo, hi = map(math.log, cfg['scale_range'])
+    side = torch.exp(_uniform(g, (N, K), (lo, hi))) * S
+    # largest first among the image's objects (sorting all K slots would make a lone object the largest of K)
+    side = torch.where(p['active'], side, 0).sort(dim=1, descending=True).values
+    side = torch.where(p['active'], side, math.exp(lo) * S)                        # unused slots: any size
+    area, asp = side ** 2, _uniform(g, (N, K), cfg['aspect_range'])
+    p['a'] = torch.sqrt(area / (math.pi * asp)); p['b'] = asp * p['a']             # semi-axes
+    p['theta'] = _uniform(g, (N, K), (0, math.pi))
+    c, s = p['theta'].cos(), p['theta'].sin()
+    ex = torch.sqrt((p['a'] * c) ** 2 + (p['b'] * s) ** 2)                           # half bounding box
+    ey = torch.sqrt((p['a'] * s) ** 2 + (p['b'] * c) ** 2)
+    M = 12                                                                            # candidate positions
+    cand_x = ex[..., None] + (S - 2 * ex[..., None]).clamp(min=0) * torch.rand(N, K, M, generator=g)
+    cand_y = ey[..., None] + (S - 2 * ey[..., None]).clamp(min=0) * torch.rand(N, K, M, generator=g)
+    R, cx, cy = torch.sqrt(p['a'] * p['b']), torch.zeros(N, K), torch.zeros(N, K)
+    for k in range(K):  # place objects one by one where they overlap the ones placed least
+        clash = torch.zeros(N, M)
+        for j in range(k):
+            d = torch.sqrt((cand_x[:, k] - cx[:, j, None]) ** 2 + (cand_y[:, k] - cy[:, j, None]) ** 2)
+            clash += ((R[:, j, None] + R[:, k, None]) - d).clamp(min=0) * p['active'][:, j, None]
+        best = clash.argmin(dim=1, keepdim=True)
+        cx[:, k], cy[:, k] = cand_x[:, k].gather(1, best)[:, 0], cand_y[:, k].gather(1, best)[:, 0]
+    p['cx'], p['cy'] = cx, cy
+    spacing = 1.0 / C
+    def body_colours(cls, shape):  # the class's hue, jittered and desaturated, at a random brightness
+        hue = cls.float() * spacing + _uniform(g, shape, (-1, 1)) * cfg['body_hue_jitter'] * spacing
+        return _hsv_to_rgb(hue, _uniform(g, shape, cfg['body_saturation']), _uniform(g, shape, cfg['body_value']))
+    p['body_rgb'] = body_colours(p['cls'], (N, K))                                      # (N, K, 3)
+    freq = _uniform(g, (N, K), (12 / S, 28 / S)) * 2 * math.pi                         # stripes: 12-28 per image
+    phi = _uniform(g, (N, K), (0, math.pi))
+    p['tex_u'], p['tex_v'] = freq * phi.cos(), freq * phi.sin()
+    p['tex_phase'] = _uniform(g, (N, K), (0, 2 * math.pi))
+    p['part_half'] = torch.sqrt(_uniform(g, (N, K), cfg['part_fraction']) * area) / 2
+    r, ang = torch.sqrt(torch.rand(N, K, generator=g)), _uniform(g, (N, K), (0, 2 * math.pi))
+    p['part_u'] = r * ang.cos() * (p['a'] - p['part_half']).clamp(min=0)                # part centre, object frame
+    p['part_v'] = r * ang.sin() * (p['b'] - p['part_half']).clamp(min=0)
+    self.part_colors = _hsv_to_rgb(torch.arange(C) * spacing, torch.ones(C), torch.ones(C))  # (C, 3)
+    Q = cfg['clutter'][1]
+    n_cl = torch.randint(cfg['clutter'][0], Q + 1, (N,), generator=g)
+    p['cl_on'] = torch.arange(Q)[None] < n_cl[:, None]
+    line = torch.rand(N, Q, generator=g) < cfg['line_fraction']
+    p['cl_x'], p['cl_y'] = _uniform(g, (N, Q), (0, S)), _uniform(g, (N, Q), (0, S))
+    length = torch.where(line, _uniform(g, (N, Q), cfg['clutter_length']) * S, torch.zeros(N, Q))
+    ang = _uniform(g, (N, Q), (0, 2 * math.pi))
+    p['cl_dx'], p['cl_dy'], p['cl_len'] = ang.cos(), ang.sin(), length
+    p['cl_half'] = torch.where(line, _uniform(g, (N, Q), cfg['clutter_width']) * S / 2,
+                               _uniform(g, (N, Q), cfg['blob_radius']) * S)
+    p['cl_rgb'] = body_colours(torch.randint(0, C, (N, Q), generator=g), (N, Q))    # any class's body colour
+    p['bg_rgb'] = _hsv_to_rgb(_uniform(g, (N,), (0, 1)), _uniform(g, (N,), (0, 0.15)), _uniform(g, (N,), (0.25, 0.55)))
+    p['bg_var'] = torch.randn(N, 3, 4, 4, generator=g) * cfg['background_variation']
+    self.params = p
+
+# %% ../nbs/01_data.ipynb #79997a67
+@patch
+def _render(self: SyntheticShapes):
+    "Paint the images chunk by chunk into a map of *layers* (background, clutter items, bodies, parts), then colour it."
+    N, C, S, cfg, p, g = self.n_images, self.n_classes, self.image_size, self.config, self.params, self._gen
+    K, Q = p['a'].shape[1], p['cl_on'].shape[1]
+    # per image, one colour and one mask value per layer: 0 background | 1..Q clutter | bodies | parts' colour
+    # squares | parts' black squares (K layers each, in object order)
+    body, pcol, pblack = Q + 1, Q + K + 1, Q + 2 * K + 1
+    palette = torch.zeros(N, Q + 3 * K + 1, 3)
+    palette[:, 1:body], palette[:, body:pcol], palette[:, pcol:pblack] = p['cl_rgb'], p['body_rgb'], self.part_colors[p['cls']]
+    layer_class = torch.zeros(N, Q + 3 * K + 1, dtype=torch.long)
+    for first in (body, pcol, pblack): layer_class[:, first:first + K] = p['cls'] + 1
+    part_class = torch.cat([torch.zeros(N, 1, dtype=torch.long), p['cls'] + 1], 1)
+    self.images = torch.empty(N, 3, S, S)
+    self.masks = torch.empty(N, S, S, dtype=torch.long)
+    self.part_masks = torch.empty(N, S, S, dtype=torch.long)
+    xs = torch.arange(S, dtype=torch.float32) + 0.5  # pixel centres
+    # clutter is drawn in a box of B x B pixels around each item
+    B = math.ceil(cfg['clutter_length'][1] * S + 2 * max(cfg['clutter_width'][1] * S / 2, cfg['blob_radius'][1] * S)) + 2
+    box = torch.arange(B)
+    for start in range(0, N, self._CHUNK):
+        sl = slice(start, min(N, start + self._CHUNK))
+        P = {k: v[sl] for k, v in p.items()}
+        n = len(P['bg_rgb'])
+        layer = torch.zeros(n, S, S, dtype=torch.uint8)
+        if Q:  # clutter: every pixel within cl_half of a segment (a blob is a segment of length 0)
+            x1, y1 = P['cl_x'] + P['cl_len'] * P['cl_dx'], P['cl_y'] + P['cl_len'] * P['cl_dy']
+            bx = (torch.minimum(P['cl_x'], x1) - P['cl_half']).floor().long()[..., None] + box  # (n, Q, B)
+            by = (torch.minimum(P['cl_y'], y1) - P['cl_half']).floor().long()[..., None] + box
+            X, Y = (bx + 0.5 - P['cl_x'][..., None])[:, :, None, :], (by + 0.5 - P['cl_y'][..., None])[:, :, :, None]
+            e = lambda t: t[..., None, None]
+            along = X * e(P['cl_dx']) + Y * e(P['cl_dy'])
+            across = Y * e(P['cl_dx']) - X * e(P['cl_dy'])
+            along = along - torch.minimum(along.clamp(min=0), e(P['cl_len']))
+            hit = (along * along + across * across < e(P['cl_half']) ** 2) & e(P['cl_on'])
+            hit &= ((bx >= 0) & (bx < S))[:, :, None, :] & ((by >= 0) & (by < S))[:, :, :, None]
+            flat = (torch.arange(n)[:, None, None, None] * S + by[..., None]) * S + bx[:, :, None, :]
+            for q in range(Q):  # the last item drawn wins
+                layer.view(-1)[flat[:, q][hit[:, q]]] = q + 1
+        shade = torch.ones(n, S, S)
+        part_of = torch.zeros(n, S, S, dtype=torch.uint8)
+        for k in range(K):  # largest first
+            e = lambda t: t[:, k, None, None]
+            c, s = e(P['theta']).cos(), e(P['theta']).sin()
+            dx, dy = xs[None, None, :] - e(P['cx']), xs[None, :, None] - e(P['cy'])
+            u, v = dx * c + dy * s, dy * c - dx * s                                  # object frame
+            obj = ((u * u) / e(P['a'] ** 2) + (v * v) / e(P['b'] ** 2) <= 1) & e(P['active'])
+            layer.masked_fill_(obj, body + k)
+            stripes = torch.sin(u * e(P['tex_u']) + v * e(P['tex_v']) + e(P['tex_phase'])).mul_(cfg['body_texture']).add_(1)
+            shade = torch.where(obj, stripes, shade)
+            du, dv = u - e(P['part_u']), v - e(P['part_v'])
+            part = obj & (du.abs() < e(P['part_half'])) & (dv.abs() < e(P['part_half']))
+            part_of.masked_fill_(obj, 0).masked_fill_(part, k + 1)
+            if cfg['show_parts']:
+                checker = (du >= 0) ^ (dv >= 0)
+                layer.masked_fill_(part & checker, pcol + k).masked_fill_(part & ~checker, pblack + k)
+                shade.masked_fill_(part, 1.0)
+        L = layer.long().flatten(1)                                                   # (n, S*S)
+        rgb = palette[sl].transpose(1, 2).gather(2, L[:, None].expand(-1, 3, -1)).view(n, 3, S, S)
+        bg = P['bg_rgb'][:, :, None, None] + nnf.interpolate(P['bg_var'], size=(S, S), mode='bilinear',
+                                                             align_corners=False)
+        img = torch.where(layer[:, None] == 0, bg, rgb * shade[:, None])
+        if cfg['noise']: img += cfg['noise'] * torch.randn(img.shape, generator=g)
+        self.images[sl] = img.clamp_(0, 1)
+        self.masks[sl] = layer_class[sl].gather(1, L).view(n, S, S)
+        self.part_masks[sl] = part_class[sl].gather(1, part_of.long().flatten(1)).view(n, S, S)
+    self.labels = labels_from_mask(self.masks, self.n_classes)
+    if cfg['ignore_border']:  # pixels within ignore_border of a different label
+        k = 2 * cfg['ignore_border'] + 1
+        m = self.masks[:, None].float()
+        edge = (nnf.max_pool2d(m, k, 1, k // 2) != -nnf.max_pool2d(-m, k, 1, k // 2))[:, 0]
+        self.masks[edge] = IGNORE_INDEX
+    self.areas = torch.stack([(self.masks == c + 1).flatten(1).sum(1) for c in range(self.n_classes)], 1)
+    del self._gen
 
 # %% ../nbs/01_data.ipynb #60d12c5b
 _N_TEXTURES = 4    # texture families: 0 stripes, 1 checker, 2 smooth noise, 3 blotches
@@ -408,10 +412,10 @@ class SyntheticScenes(Dataset):
     def __init__(self, n_images: int, n_classes: int = 4, image_size: int = 96, seed: int = 0, *,
                  class_seed=0,                    # draws the classes' appearance (alone); `seed` draws the scenes
                  objects_per_image=(1, 4),        # objects per image (clipped to n_classes); classes are distinct
-                 area_range=(0.016, 0.55),        # object area / image area, drawn log-uniformly
+                 area_range=(0.017, 0.55),        # object area / image area, drawn log-uniformly
                  max_coverage=0.8,                # objects of an image shrink together to cover at most this
                  aspect_range=(0.45, 1.0),        # minor / major axis of the silhouette
-                 irregularity=0.35,               # total amplitude of the radial harmonics 2-5 of the silhouette
+                 irregularity=0.5,                # total amplitude of the radial harmonics 2-5 of the silhouette
                  overlap=0.4,                     # probability that an object is placed touching/overlapping another
                  min_visible=0.6,                 # placement keeps (in a disc model) this share of each object visible
                  body_regions=(1, 3),             # body sub-regions per object
@@ -522,12 +526,14 @@ def _draw(self: SyntheticScenes):
     p['aspect'] = _uniform(g, (N, K), cfg['aspect_range'])
     p['theta'] = _uniform(g, (N, K), (0, math.pi))
     ext = p['R'] * (1 + amp.sum(-1)) / p['aspect'].sqrt()                             # farthest extent
-    margin = torch.minimum(0.85 * ext, torch.full_like(ext, S / 2))
+    margin = torch.where(ext < 0.35 * S, ext, 0.85 * ext).clamp(max=S / 2)           # small objects: wholly inside
     M = 24                                                                            # candidate positions
     cand = margin[..., None, None] + (S - 2 * margin)[..., None, None] * torch.rand(N, K, M, 2, generator=g)
     touch = torch.rand(N, K, generator=g) < cfg['overlap']
     depth = _uniform(g, (N, K), (0.0, 0.35))                                          # wanted overlap / smaller R
     R, centre = p['R'], torch.zeros(N, K, 2)
+    reach = (R + ext) / 2                                  # an occluder's disc: between its mean and farthest radius
+    smallest = cfg['area_range'][0] * S * S
     hidden = torch.zeros(N, K)                                                        # occluded area (disc model)
     for k in range(K):  # place objects one by one: apart, or touching one placed before by `depth`
         clash, closest, crowd = torch.zeros(N, M), torch.full((N, M), -1e9), torch.zeros(N, M)
@@ -537,15 +543,16 @@ def _draw(self: SyntheticScenes):
             on = active[:, j, None]
             clash += o.clamp(min=0) * on
             closest = torch.where(on, torch.maximum(closest, o), closest)
-            cover = (hidden[:, j, None] + _lens(R[:, j, None], R[:, k, None], d)) / area[:, j, None]
-            crowd += (cover - (1 - cfg['min_visible'])).clamp(min=0) * on              # j would be hidden too much
+            left = area[:, j, None] - hidden[:, j, None] - _lens(R[:, j, None], reach[:, k, None], d)
+            crowd += ((1 - cfg['min_visible']) - left / area[:, j, None]).clamp(min=0) * on  # j would be hidden
+            crowd += (1.5 * smallest - left).clamp(min=0) / smallest * on                # ... or become too small
         want = torch.where((touch[:, k] & (k > 0))[:, None], (closest - depth[:, k, None]).abs()
                            + (clash - closest.clamp(min=0)), clash) + 20 * crowd
         best = want.argmin(dim=1)
         centre[:, k] = cand[torch.arange(N), k, best]
         for j in range(k):
             d = (centre[:, k] - centre[:, j]).norm(dim=-1)
-            hidden[:, j] += _lens(R[:, j], R[:, k], d) * active[:, k]
+            hidden[:, j] += _lens(R[:, j], reach[:, k], d) * active[:, k]
     p['cx'], p['cy'] = centre[..., 0], centre[..., 1]
     p['n_regions'] = torch.randint(cfg['body_regions'][0], cfg['body_regions'][1] + 1, (N, K), generator=g)
     p['cut_angle'] = _uniform(g, (N, K), (-0.5, 0.5))

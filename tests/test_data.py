@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from multiminer.data import (IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, SyntheticScenes, SyntheticShapes, cam_coverage, colorize_mask,
-                             coverage_by_size, labels_from_mask, make_voc_fixture, voc_dataset, voc_transforms)
+from multiminer.data import (IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, SyntheticScenes, SyntheticShapes, cam_coverage,
+                             colorize_mask, coverage_by_size, labels_from_mask, make_voc_fixture, voc_dataset, voc_transforms)
 
 
 @pytest.fixture(scope='module')
