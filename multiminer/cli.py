@@ -102,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
     d = add('demo', [], "The whole pipeline on the synthetic data, measured: metrics.json and figures in --out.",
-            ex("multiminer demo --out runs/demo --n-images 600"))
+            ex("multiminer demo --out runs/demo --n-images 400"))
     d.add_argument('--out', default='runs/demo', help="output folder (default runs/demo)")
     d.add_argument('--seed', type=int, default=0, help="seed of data and training (default 0)")
-    d.add_argument('--n-images', type=int, default=600, help="training images (default 600)")
+    d.add_argument('--n-images', type=int, default=400, help="training images (default 400)")
     d.add_argument('--n-classes', type=int, default=4, help="object classes (default 4)")
     d.add_argument('--image-size', type=int, default=96, help="image side in pixels, a multiple of 8 (default 96)")
     d.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda[:i]'")

@@ -45,14 +45,17 @@ class DemoSettings:
     bg_cam_crf: float = 0.2         # ... of the probabilities the dense CRF starts from, for each method
     bg_fixed_erasing_crf: float = 0.35
     bg_multiminer_crf: float = 0.5
+    crf_workers: int = 2            # processes for the dense CRF
     n_val: int = 200                # images of the separate validation split for segmentation
-    n_saliency: int = 400           # images of the saliency network's own split (its own seed and classes)
+    n_saliency: int = 300           # images of the saliency network's own split (its own seed and classes)
 
     @classmethod
     def for_args(cls, n_classes=4, image_size=96, seed=0, data='scenes', **kw):
         stride = 4 if data == 'scenes' else 8
-        mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=8)
-        seg = dict(crop_size=image_size, seed=seed, model_kwargs=dict(stride=stride))
+        # scenes: the first scale is the image size, so that the smallest objects cover >= 3 x 3 cells at step 1
+        scales = tuple(8 * round(image_size * f / 8) for f in (1, 7 / 6, 4 / 3)) if data == 'scenes' else None
+        mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=8, **({} if scales is None else dict(scales=scales)))
+        seg = dict(crop_size=image_size, seed=seed, epochs=10, model_kwargs=dict(stride=stride))
         width = 64 if stride == 4 else 128   # the same cost per image at stride 4 (4x the positions) as width 128 at stride 8
         return cls(classifier=ClassifierConfig.synthetic(input_size=image_size, seed=seed, epochs=16, lr_step_epoch=12,
                                                          small_stride=stride, modulator_width=width),
@@ -72,7 +75,7 @@ class DemoSettings:
         return json.loads(json.dumps(asdict(self), default=str))
 
 # %% ../nbs/09_demo.ipynb #5332a7ae
-def check_demo_args(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu', **_):
+def check_demo_args(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu', **_):
     "Raise ValueError naming the first bad demo argument; return nothing when all are fine."
     def _int(name, v, lo, hi=None):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
@@ -245,7 +248,7 @@ def all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=True):
         bg = S.bg_threshold(k, result=result)
         out[k] = dict(threshold=pseudo_masks(s, labels, size=size, bg_threshold=bg),
                       saliency=pseudo_masks(s, labels, size=size, bg_threshold=bg, saliency=saliency))
-        if crf: out[k]['crf'] = crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True))
+        if crf: out[k]['crf'] = crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True), workers=S.crf_workers if len(images) > 128 else 0)
     return out
 
 def prepare(S:DemoSettings, out, seed, n_images, n_classes, image_size, device='cpu', resume=False, progress=True, secs=None):
@@ -282,7 +285,7 @@ def train_and_score(S, name, images, target, val, n_classes, out, device='cpu', 
                                resume=resume, progress=False)
     return round(evaluate(model, val.images, val.masks, n_classes=n_classes + 1, device=device), 2)
 
-def run_demo(out='runs/demo', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu', resume=False,
+def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu', resume=False,
              crf=True, segmentation=True, progress=True, data='scenes', settings:DemoSettings=None) -> dict:
     "The whole pipeline on the synthetic benchmark; writes metrics.json and figures into `out` and returns the metrics."
     check_demo_args(out, seed, n_images, n_classes, image_size, device)
@@ -367,7 +370,7 @@ def _experiment_settings(out, seed, n_classes, image_size, data, settings):
     Path(out).mkdir(parents=True, exist_ok=True)
     return settings or DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed, data=data)
 
-def run_table2(out='runs/table2', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu', resume=False,
+def run_table2(out='runs/table2', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu', resume=False,
                progress=True, data='scenes', settings:DemoSettings=None) -> dict:
     "Table 2: pseudo-mask (saliency cue) and segmentation mIoU of mining at each fixed scale and with the multi-scale schedule; writes table2.json."
     S = _experiment_settings(out, seed, n_classes, image_size, data, settings); out = Path(out)
@@ -388,7 +391,7 @@ def run_table2(out='runs/table2', seed=0, n_images=600, n_classes=4, image_size=
     (out/'table2.json').write_text(json.dumps(res, indent=1))
     return res
 
-def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=600, n_classes=4, image_size=96, device='cpu',
+def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu',
                               resume=False, progress=True, data='scenes', settings:DemoSettings=None) -> dict:
     "Fig. 6: segmentation mIoU of networks trained on the pseudo masks (saliency cue) of the first T merged steps, T = 1..; writes fig6.json."
     S = _experiment_settings(out, seed, n_classes, image_size, data, settings); out = Path(out)

@@ -201,11 +201,13 @@ def generator_step_loss(self:MultiMiner, Ft, y, modulator=None):
 
 @patch
 def train_generator(self:MultiMiner, feats, masks, labels, bs):
-    "Stage 2 (Alg. 1, lines 7–10): θ_m frozen (it only guides), minimise L_g (Eq. 6) for n_g epochs; each batch plays against its half's modulator."
+    "Stage 2 (Alg. 1, lines 7–10): θ_m frozen (it only guides), minimise L_g (Eq. 6) for n_g epochs on the images that still have an object being mined; each batch plays against its half's modulator."
     for m in self.modulators: m.eval(); m.requires_grad_(False)
     self.generator.train(); self.generator.requires_grad_(True)
     tot, n = dict(loss=0., cls=0., reg=0.), 0
-    folds = self._folds(len(feats))
+    busy = torch.zeros(len(feats), dtype=torch.bool)           # only their maps will be stored: train where it matters
+    busy[self.state.objects[self.state.active, 0]] = True
+    folds = [f[busy[f]] for f in self._folds(len(feats))]
     for _ in range(self.cfg.n_g):
         batches = [(k, f[b]) for k, f in enumerate(folds) for b in batch_indices(len(f), bs, self.rng)]
         for i in torch.randperm(len(batches), generator=self.rng).tolist():

@@ -192,6 +192,7 @@ def crf_refine(images,                     # (N,3,H,W) float in [0,1] or uint8
                saliency=None,              # optional (N,H,W) in [0,1], foreground high (strengths only)
                saliency_threshold:float=0.5,
                mask_confidence:float=0.7,  # probability given to a mask's label (masks only)
+               workers:int=0,              # processes for the CRF (0: this one)
                **crf_kwargs,               # passed to `dense_crf` (n_iters, sxy_bilateral, ...)
               )->torch.Tensor:             # (N,H,W) int64: 0 background, c+1 for class c
     "Dense-CRF-refined pseudo masks from strengths (or from masks), restricted to background and present classes."
@@ -212,8 +213,16 @@ def crf_refine(images,                     # (N,3,H,W) float in [0,1] or uint8
     else:
         raise ValueError(f"strength_or_mask must be float (N,C,h,w) strengths or integer (N,H,W) masks, "
                          f"got shape {tuple(x.shape)} and dtype {x.dtype}")
-    out = torch.zeros(N, H, W, dtype=torch.long)
-    for i in range(N):
-        ids = torch.cat([torch.zeros(1, dtype=torch.long), present[i].nonzero().flatten() + 1])   # label per channel
-        if len(ids) > 1: out[i] = ids[torch.from_numpy(dense_crf(imgs[i], probs[i, ids].numpy(), **crf_kwargs))]
-    return out
+    jobs = [(imgs[i], probs[i].numpy(), present[i].nonzero().flatten().numpy(), crf_kwargs) for i in range(N)]
+    if workers > 0 and N > 1:   # forked processes; the jobs and their results are numpy only (torch is not fork-safe)
+        import multiprocessing as mp
+        with mp.get_context('fork').Pool(workers) as pool: res = pool.map(_crf_one, jobs, chunksize=max(1, N // (4 * workers)))
+    else: res = [_crf_one(j) for j in jobs]
+    return torch.from_numpy(np.stack(res)) if res else torch.zeros(0, H, W, dtype=torch.long)
+
+def _crf_one(job):
+    "One image's CRF labels (H,W) over background and its present classes (numpy in, numpy out)."
+    img, probs, present, kw = job
+    ids = np.concatenate([[0], present + 1]).astype(np.int64)   # label of each channel
+    if len(ids) == 1: return np.zeros(img.shape[:2], np.int64)
+    return ids[dense_crf(img, probs[ids], **kw)]
