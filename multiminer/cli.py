@@ -508,10 +508,11 @@ def cmd_pseudo_labels(args, argv=()):
             image, gt = get(i); gts.append(gt)
             sal = None if args.saliency is None else load_saliency(args.saliency, [names[i]], size=tuple(image.shape[-2:]))[0]
             yield image, _image_strength(result, i), labels[i], bg, sal, args.saliency_threshold, args.crf
-    conf, t0, masks = torch.zeros(K, K, dtype=torch.long), time.time(), []
+    conf, t0, masks, n_ignored, n_px = torch.zeros(K, K, dtype=torch.long), time.time(), [], 0, 0
     if spec['kind'] == 'voc': (out/'masks').mkdir(exist_ok=True)
     for i, m in enumerate(_ordered_map(_pseudo_one, jobs(), args.workers)):
-        conf += confusion_matrix(m, gts[i], K); gts[i] = None
+        ign = m == 255; n_ignored, n_px = n_ignored + int(ign.sum()), n_px + ign.numel()
+        conf += confusion_matrix(m.masked_fill(ign, 0), gts[i], K); gts[i] = None   # scored: ignored = background
         if spec['kind'] == 'voc': _save_png(m, out/'masks'/f"{names[i]}.png")
         else: masks.append(m.to(torch.uint8))
         if not args.quiet and ((i + 1) % 500 == 0 or i + 1 == N):
@@ -520,6 +521,7 @@ def cmd_pseudo_labels(args, argv=()):
     score, ious = miou(conf), iou_per_class(conf)
     summary = dict(miou=round(score, 2), iou_per_class={c: (None if v != v else round(float(v) * 100, 2))
                                                         for c, v in zip(class_names, ious.tolist())},
+                   ignored_percent=round(100 * n_ignored / max(n_px, 1), 2),
                    bg_threshold=bg, crf=args.crf, saliency=_abs(args.saliency), n_images=N,
                    seconds=round(time.time() - t0, 1))
     (out/'summary.json').write_text(json.dumps(summary, indent=1))

@@ -41,7 +41,7 @@ class DemoSettings:
     saliency: SegConfig             # the class-agnostic saliency network (SeeNet's stand-in)
     data: str = 'scenes'            # 'scenes' (SyntheticScenes) | 'shapes' (SyntheticShapes, the simple teaching set)
     bg_cam: float = 0.35            # "mined" threshold of the CAM strengths (threshold and saliency cues)
-    bg_fixed_erasing: float = 0.35  # ... of fixed-step erasing's strengths
+    bg_fixed_erasing: float = 0.2   # ... of fixed-step erasing's strengths
     bg_cam_crf: float = 0.2         # ... of the probabilities the dense CRF starts from, for each method
     bg_fixed_erasing_crf: float = 0.35
     bg_multiminer_crf: float = 0.5
@@ -53,7 +53,11 @@ class DemoSettings:
     def for_args(cls, n_classes=4, image_size=96, seed=0, data='scenes', **kw):
         stride = 4 if data == 'scenes' else 8
         # scenes: the first scale is the image size, so that the smallest objects cover >= 3 x 3 cells at step 1
-        scales = tuple(8 * round(image_size * f / 8) for f in (1, 7 / 6, 4 / 3)) if data == 'scenes' else None
+        scales = None
+        if data == 'scenes':   # image_size, then about 7/6 and 4/3 of it, multiples of 8, strictly increasing
+            scales = [image_size]
+            for f in (7 / 6, 4 / 3): scales.append(max(scales[-1] + 8, 8 * round(image_size * f / 8)))
+            scales = tuple(scales)
         mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=8, **({} if scales is None else dict(scales=scales)))
         seg = dict(crop_size=image_size, seed=seed, epochs=10, model_kwargs=dict(stride=stride))
         width = 64 if stride == 4 else 128   # the same cost per image at stride 4 (4x the positions) as width 128 at stride 8
