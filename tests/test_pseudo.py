@@ -67,9 +67,11 @@ def test_threshold_behaviour():
     counts = [(pseudo_masks(rs, rl, bg_threshold=t) == 0).sum() for t in (0.1, 0.3, 0.5, 0.7)]
     assert counts == sorted(counts)
 
-def test_saliency_overrides_and_shapes():
+def test_saliency_cue_and_shapes():
     s, lab = _strength()
-    assert pseudo_masks(s, lab, saliency=torch.tensor([[[0.9, 0.1, 0.9]]])).tolist() == [[[1, 0, 0]]]
+    # mined and salient -> the class; salient but not mined, or mined but not salient -> 255 (the cues disagree)
+    assert pseudo_masks(s, lab, saliency=torch.tensor([[[0.9, 0.1, 0.9]]])).tolist() == [[[1, 255, 255]]]
+    assert pseudo_masks(s, lab, saliency=torch.tensor([[[0.9, 0.9, 0.05]]])).tolist() == [[[1, 3, 0]]]
     assert pseudo_masks(s, lab, size=(4, 9)).shape == (1, 4, 9)
     with pytest.raises(ValueError, match="saliency"): pseudo_masks(s, lab, saliency=torch.ones(1, 2, 2))
     with pytest.raises(ValueError, match=r"\(N,C\)"): pseudo_masks(s, lab[:, :2])
