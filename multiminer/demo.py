@@ -7,7 +7,7 @@ __all__ = ['METHODS', 'CUES', 'DATA_KINDS', 'DemoSettings', 'check_demo_args', '
            'object_areas', 'size_bins', 'by_size', 'object_iou', 'outside_ratio', 'train_saliency', 'saliency_maps',
            'foreground_iou', 'plot_steps', 'plot_miou_by_steps', 'plot_steps_vs_size', 'plot_probs_by_step',
            'make_synthetic', 'mine_all', 'all_pseudo_masks', 'prepare', 'train_and_score', 'run_demo', 'run_table2',
-           'run_segmentation_by_steps']
+           'run_segmentation_by_steps', 'sweep_erasing_steps']
 
 # %% ../nbs/09_demo.ipynb #468aeb4f
 import json, math, time
@@ -412,4 +412,18 @@ def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=400, n_classes=4
         _say(progress, f"   first {T} steps merged: segmentation mIoU {curve[-1]:.1f}")
     res = dict(segmentation_miou_by_steps=curve, config=dict(seed=seed, n_images=n_images, data=S.data, settings=S.to_dict()))
     (out/'fig6.json').write_text(json.dumps(res, indent=1))
+    return res
+
+# %% ../nbs/09_demo.ipynb #c894e691
+def sweep_erasing_steps(out, seed, n_images=400, n_classes=4, image_size=96, ks=range(1, 7), bgs=(0.2, 0.35, 0.5),
+                        device='cpu', data='scenes', settings:DemoSettings=None) -> dict:
+    "Pseudo-mask mIoU of fixed-step erasing for each K and background threshold, {K: {bg: (threshold cue, saliency cue)}}: how the demo's K was chosen."
+    S = _experiment_settings(out, seed, n_classes, image_size, data, settings)
+    P = prepare(S, out, seed, n_images, n_classes, image_size, device, resume=True, progress=False)
+    ds, res = P['ds'], {}
+    for K in ks:
+        r = fixed_erasing(P['clf'].modulator, P['bank'], ds.labels, ErasingConfig(**{**asdict(S.erasing), 'steps': K}),
+                          device=device, progress=False)
+        res[K] = {bg: tuple(round(score_masks(pseudo_masks(r.strength, ds.labels, size=image_size, bg_threshold=bg, saliency=sal),
+                                              ds.masks, n_classes)[0], 1) for sal in (None, P['saliency'])) for bg in bgs}
     return res
