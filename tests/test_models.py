@@ -9,18 +9,7 @@ from multiminer.models import (VGG16_WEIGHTS_FILE, CategoryAwareGenerator, Paral
                                VGG16Extractor, count_parameters, vgg16_extractor)
 
 
-class RunsCode:
-    "A checkpoint entry whose unpickling would call os.system: what a malicious file does."
-    def __init__(self, cmd): self.cmd = cmd
-    def __reduce__(self):
-        import os
-        return (os.system, (self.cmd,))
-
-
-def crafted(path, marker, **extra):
-    "Write a checkpoint at `path` that would create `marker` if it were unpickled with weights_only=False."
-    torch.save(dict(extra, payload=RunsCode(f'touch {marker}')), path)
-    return path
+from crafted_checkpoints import RunsCode, crafted
 
 
 @pytest.fixture(scope='module')
