@@ -369,15 +369,15 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
     return metrics
 
 # %% ../nbs/09_demo.ipynb #9fbc53de
-def _experiment_settings(out, seed, n_classes, image_size, data, settings):
-    check_demo_args(out, seed, 600, n_classes, image_size)
+def _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings):
+    check_demo_args(out, seed, n_images, n_classes, image_size)
     Path(out).mkdir(parents=True, exist_ok=True)
     return settings or DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed, data=data)
 
 def run_table2(out='runs/table2', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu', resume=False,
                progress=True, data='scenes', settings:DemoSettings=None) -> dict:
     "Table 2: pseudo-mask (saliency cue) and segmentation mIoU of mining at each fixed scale and with the multi-scale schedule; writes table2.json."
-    S = _experiment_settings(out, seed, n_classes, image_size, data, settings); out = Path(out)
+    S = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings); out = Path(out)
     P = prepare(S, out, seed, n_images, n_classes, image_size, device, resume, progress)
     ds, val = P['ds'], make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
     rows = {}
@@ -398,7 +398,7 @@ def run_table2(out='runs/table2', seed=0, n_images=400, n_classes=4, image_size=
 def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu',
                               resume=False, progress=True, data='scenes', settings:DemoSettings=None) -> dict:
     "Fig. 6: segmentation mIoU of networks trained on the pseudo masks (saliency cue) of the first T merged steps, T = 1..; writes fig6.json."
-    S = _experiment_settings(out, seed, n_classes, image_size, data, settings); out = Path(out)
+    S = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings); out = Path(out)
     P = prepare(S, out, seed, n_images, n_classes, image_size, device, resume, progress)
     ds, val = P['ds'], make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
     merged = []   # the merged maps after each step, as uint8: Eq. 7 over the first T steps
@@ -418,7 +418,7 @@ def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=400, n_classes=4
 def sweep_erasing_steps(out, seed, n_images=400, n_classes=4, image_size=96, ks=range(1, 7), bgs=(0.2, 0.35, 0.5),
                         device='cpu', data='scenes', settings:DemoSettings=None) -> dict:
     "Pseudo-mask mIoU of fixed-step erasing for each K and background threshold, {K: {bg: (threshold cue, saliency cue)}}: how the demo's K was chosen."
-    S = _experiment_settings(out, seed, n_classes, image_size, data, settings)
+    S = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings)
     P = prepare(S, out, seed, n_images, n_classes, image_size, device, resume=True, progress=False)
     ds, res = P['ds'], {}
     for K in ks:
