@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'VOC_PALETTE', 'VOC_URL', 'SBD_URL', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'labels_from_mask', 'colorize_mask', 'SyntheticShapes', 'SyntheticScenes', 'cam_coverage',
-           'coverage_by_size', 'VOCSegDataset', 'voc_dataset', 'voc_transforms', 'make_voc_fixture']
+           'coverage_by_size', 'read_image_file', 'read_mask_file', 'image_file_size', 'VOCSegDataset', 'voc_dataset',
+           'voc_transforms', 'make_voc_fixture']
 
 # %% ../nbs/01_data.ipynb #0c453a49
 import math, numbers, time
@@ -782,6 +783,34 @@ def _read_sbd_mask(path):
     from scipy.io import loadmat
     return np.asarray(loadmat(path)['GTcls'][0]['Segmentation'][0])
 
+def _unreadable(kind, path, e):
+    why = ' '.join(str(e).split()) or type(e).__name__
+    return ValueError(f"cannot read the {kind} {path} ({why}): the file is damaged or truncated; replace it with an "
+                      f"intact copy (or remove its id from the split's list)")
+
+def read_image_file(path) -> np.ndarray:
+    "An image file as (H, W, 3) uint8 RGB; a damaged or truncated file is a `ValueError` that names it."
+    from PIL import Image
+    try:
+        with Image.open(path) as im: return np.asarray(im.convert('RGB'))
+    except Exception as e: raise _unreadable('image', path, e) from None
+
+def read_mask_file(path) -> np.ndarray:
+    "A mask file (PNG of class indices, or SBD's .mat) as an (H, W) array; a damaged file is a `ValueError` that names it."
+    from PIL import Image
+    try:
+        if str(path).endswith('.mat'): return _read_sbd_mask(str(path))
+        with Image.open(path) as im: return np.asarray(im)
+    except Exception as e: raise _unreadable('mask', path, e) from None
+
+def image_file_size(path) -> tuple:
+    "(H, W) of an image file from its header alone (nothing is decoded)."
+    from PIL import Image
+    try:
+        with Image.open(path) as im: w, h = im.size
+    except Exception as e: raise _unreadable('image', path, e) from None
+    return h, w
+
 class VOCSegDataset(Dataset):
     "VOC-format segmentation data: items (image, labels (20,), mask int64) with the mask's 255 kept as ignore."
     n_classes = 20
@@ -793,14 +822,21 @@ class VOCSegDataset(Dataset):
 
     def __len__(self): return len(self.names)
 
+    def _check_size(self, i, mask_shape, image_shape):
+        if tuple(mask_shape) != tuple(image_shape):
+            raise ValueError(f"image {self.names[i]}: its mask {self.mask_paths[i]} is {tuple(mask_shape)} (H, W) but "
+                             f"the image {self.image_paths[i]} is {tuple(image_shape)}: a mask must have its image's size")
+
+    def load_mask(self, i):
+        "Mask (H, W) int64 of item `i`, checked against its image's size (read from the image's header only)."
+        mask = read_mask_file(self.mask_paths[i])
+        self._check_size(i, mask.shape, image_file_size(self.image_paths[i]))
+        return torch.from_numpy(mask.astype(np.int64))
+
     def load(self, i):
         "Image (H, W, 3) uint8 and mask (H, W) int64 of item `i`, untransformed."
-        from PIL import Image
-        image = np.asarray(Image.open(self.image_paths[i]).convert('RGB'))
-        p = str(self.mask_paths[i])
-        mask = _read_sbd_mask(p) if p.endswith('.mat') else np.asarray(Image.open(p))
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"{self.names[i]}: mask {mask.shape} and image {image.shape[:2]} differ in size")
+        image, mask = read_image_file(self.image_paths[i]), read_mask_file(self.mask_paths[i])
+        self._check_size(i, mask.shape, image.shape[:2])
         return image, torch.from_numpy(mask.astype(np.int64))
 
     def __getitem__(self, i):
