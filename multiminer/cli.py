@@ -332,6 +332,14 @@ STAGE_FILES = {'train-classifier': ('classifier.pt',), 'mine': ('mining_result.p
                'pseudo-labels': ('pseudo_masks.pt', 'masks', 'masks.partial', 'summary.json'),
                'train-seg': ('model.pt', 'checkpoint.pt', 'history.json'), 'evaluate': ()}
 RESUMABLE = ('train-classifier', 'mine', 'train-seg')
+_NEW_OUTS = []     # --out folders this command found empty: a failure before they hold more than run.json empties them again
+
+def _take_back():
+    "After a failure: a new --out that holds only the run.json of its unfinished run is left empty, as it was found."
+    while _NEW_OUTS:
+        out = _NEW_OUTS.pop()
+        if out.is_dir() and [p.name for p in out.iterdir()] == [RUN_FILE] and read_run(out).get('finished') is False:
+            (out/RUN_FILE).unlink(); out.rmdir()
 
 def require_upstream(folder, stage, option) -> tuple:
     "(run.json, {file: sha256}) of a finished `stage` folder whose outputs are unchanged; else a CLIError saying why."
@@ -376,7 +384,8 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
     for option, folder in inputs:
         if _abs(folder) == _abs(out):
             raise CLIError(f"--out {out} is the {option} folder this stage reads: every stage writes a folder of its own")
-    if not out.is_dir() or not any(out.iterdir()): return 'new'
+    if not out.is_dir() or not any(out.iterdir()):
+        _NEW_OUTS.append(out); return 'new'
     rec = read_run(out)
     if not rec:
         raise CLIError(f"--out {out} holds files but no {RUN_FILE}, so it is not a `multiminer {stage}` folder: choose a new "
@@ -390,7 +399,7 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
             p = out/name
             if p.is_dir(): shutil.rmtree(p)
             elif p.exists(): p.unlink()
-        return 'new'
+        _NEW_OUTS.append(out); return 'new'
     if not resume:
         how = "--resume to continue it, --force to replace it" if stage in RESUMABLE else "--force to replace it"
         raise CLIError(f"--out {out} already holds a{'n' if state == 'unfinished' else ''} {state} `{stage}` run: pass "
@@ -448,11 +457,11 @@ def _dataset(spec, split='train_aug', transform=None):
 def _say(args, *msg):
     if not args.quiet: print(*msg, flush=True)
 
-def progress_bar(total=None, desc=None, disable=False, **kw):
+def progress_bar(iterable=None, desc=None, total=None, disable=False, **kw):
     "A tqdm bar on stderr with an ETA; redrawn at most every 30 s when stderr is not a terminal (a CI log)."
     from tqdm.auto import tqdm
     tty = hasattr(sys.stderr, 'isatty') and sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, disable=disable, file=sys.stderr, mininterval=0.5 if tty else 30,
+    return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, mininterval=0.5 if tty else 30,
                 ascii=not tty, dynamic_ncols=tty, **kw)
 
 def _need(folder, name, made_by):
@@ -583,7 +592,7 @@ def _feature_bank(clf, images, cfg, cache_dir, key, device, progress):
 
 def _mining_bar(args, cfg):
     "A progress bar over the mining steps, with each step's record printed above it (MultiMiner.run's callback)."
-    bar = progress_bar(cfg.max_steps, 'mining steps', disable=args.quiet, unit='step')
+    bar = progress_bar(desc='mining steps', total=cfg.max_steps, disable=args.quiet, unit='step')
     def callback(miner):
         r = miner.state.history[-1]
         bar.n = miner.state.t; bar.refresh()
@@ -624,8 +633,8 @@ def cmd_mine(args, argv=()):
         raise CLIError(f"the classifier in {clf_dir} has {clf.n_classes} classes but the data has {ds.n_classes}")
     if spec['kind'] == 'voc':
         from multiminer.data import labels_from_mask
-        labels = torch.stack([labels_from_mask(_voc_mask(ds, i), ds.n_classes)
-                              for i in progress_bar(range(len(ds)), 'image-level labels', disable=args.quiet)])
+        with progress_bar(range(len(ds)), 'image-level labels', disable=args.quiet, unit='image') as bar:
+            labels = torch.stack([labels_from_mask(_voc_mask(ds, i), ds.n_classes) for i in bar])
         images = VOCImages(ds)
     else: images, labels = ds.images, ds.labels
     names = _names(spec, len(labels), ds)
@@ -749,7 +758,7 @@ def cmd_pseudo_labels(args, argv=()):
     if spec['kind'] == 'voc':
         if partial.exists(): shutil.rmtree(partial)
         partial.mkdir(parents=True)
-    with progress_bar(N, 'pseudo masks', disable=args.quiet, unit='image') as bar:
+    with progress_bar(desc='pseudo masks', total=N, disable=args.quiet, unit='image') as bar:
         for i, m in enumerate(_ordered_map(_pseudo_one, jobs(), args.workers)):
             ign = m == 255; n_ignored, n_px = n_ignored + int(ign.sum()), n_px + ign.numel()
             conf += confusion_matrix(m.masked_fill(ign, 0), gts[i], K); gts[i] = None   # scored: ignored = background
@@ -903,9 +912,11 @@ def main(argv=None):
     "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2."
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    _NEW_OUTS.clear()
     try: _HANDLERS[args.command](args, argv)
-    except Exception as e:
-        if not _user_error(e): raise
+    except BaseException as e:
+        _take_back()
+        if not isinstance(e, Exception) or not _user_error(e): raise
         print(f"multiminer {args.command}: error: {_message(e)}", file=sys.stderr)
         raise SystemExit(2)
     return 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multiminer.cli import main, load_mining_result, read_run, _ordered_map
+from multiminer.cli import main, load_mining_result, read_run, _ordered_map, file_sha256
 from multiminer.data import make_voc_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def test_missing_voc_root_exit_2(tmp_path):
     import shutil; shutil.rmtree(tmp_path/'D'/'benchmark_RELEASE')
     code, _, err = run_cli('train-classifier', '--voc-root', tmp_path/'D', '--out', tmp_path/'c')
     assert code == 2 and 'benchmark_RELEASE' in err
-    code, _, err = run_cli('evaluate', '--preset', 'voc', '--seg', tmp_path/'none')
+    code, _, err = run_cli('evaluate', '--preset', 'voc', '--seg', tmp_path/'none', '--out', tmp_path/'e')
     assert code == 2 and 'has no model.pt' in err
 
 
@@ -90,9 +90,9 @@ def test_synthetic_chain(tmp_path):
     assert pm.shape == (24, 32, 32) and int(pm.max()) <= 4
     assert read_run(tmp_path/'p')['data'] == dict(kind='synthetic', n_images=24, n_classes=4, image_size=32, seed=0)
     assert run_cli('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1, '--quiet')[0] == 0
-    code, out, _ = run_cli('evaluate', '--seg', tmp_path/'s', '--n-val', 8, '--quiet')
+    code, out, _ = run_cli('evaluate', '--seg', tmp_path/'s', '--n-val', 8, '--out', tmp_path/'e', '--quiet')
     assert code == 0 and out.startswith('mIoU')
-    ev = json.loads((tmp_path/'s'/'eval_val.json').read_text())
+    ev = json.loads((tmp_path/'e'/'eval_val.json').read_text())
     assert ev['n_images'] == 8 and len(ev['iou_per_class']) == 5 and 0 <= ev['miou'] <= 100
 
 
@@ -119,10 +119,10 @@ def test_voc_fixture_chain(tmp_path):
                    '--quiet')[0] == 0
     code, out, _ = run_cli('evaluate', '--seg', tmp_path/'s', '--split', 'val', '--crf', '--out', tmp_path/'e', '--quiet')
     assert code == 0 and json.loads((tmp_path/'e'/'eval_val.json').read_text())['n_images'] == 2
-    # a missing pseudo mask is named
+    # a missing pseudo mask: the masks are not those pseudo-labels wrote
     (tmp_path/'p'/'masks'/'s2.png').unlink()
     code, _, err = run_cli('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s2', '--epochs', 1, '--quiet')
-    assert code == 2 and 's2.png' in err
+    assert code == 2 and f"{tmp_path/'p'/'masks'} changed after" in err
 
 
 def test_ordered_map_keeps_order():
@@ -171,6 +171,12 @@ def test_commands_refuse_code_with_exit_2(tmp_path):
     assert run_cli('train-classifier', *syn, '--epochs', 1, '--out', tmp_path/'c')[0] == 0
     marker = tmp_path/'pwned_x'
     crafted(tmp_path/'c'/'classifier.pt', marker, config={})
+    # the hash in run.json catches the swapped file first ...
+    code, _, err = run_cli('mine', '--classifier', tmp_path/'c', '--out', tmp_path/'m', '--max-steps', 1, '--quiet')
+    assert code == 2 and 'classifier.pt changed after' in err
+    # ... and a hostile user who also rewrites the hash meets the loader's refusal
+    rec = read_run(tmp_path/'c'); rec['outputs']['classifier.pt'] = file_sha256(tmp_path/'c'/'classifier.pt')
+    (tmp_path/'c'/'run.json').write_text(json.dumps(rec))
     code, _, err = run_cli('mine', '--classifier', tmp_path/'c', '--out', tmp_path/'m', '--max-steps', 1, '--quiet')
     assert code == 2 and 'multiminer mine: error: refused to load' in err and 'classifier.pt' in err
     code, _, err = run_cli('train-classifier', *syn, '--epochs', 2, '--out', tmp_path/'c', '--resume')
