@@ -158,6 +158,7 @@ def load_classifier(path, device='cpu') -> Classifier:
 def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', progress=True,
                      out_dir=None, resume=False) -> Classifier:
     "Stage 0: train extractor + modulator with the multi-label loss L_cls; checkpoint to `out_dir`, `resume` from it."
+    from multiminer.cli import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     n_classes, device = _n_classes(dataset), torch.device(device)
     clf = build_classifier(cfg, n_classes).to(device)
     opt, sched = make_optimizer(cfg, clf)
@@ -179,7 +180,8 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
         dl = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.num_workers,
                         drop_last=len(dataset) > cfg.batch_size, pin_memory=device.type == 'cuda')  # no 1-image batch for BatchNorm
         t0, tot_loss, n_img, n_right, n_exact = time.time(), 0., 0, 0, 0
-        for images, labels, *_ in dl:
+        for images, labels, *_ in progress_bar(dl, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
+                                               leave=False, unit='batch'):
             x, y = _prepare(images, cfg, device, train=True), labels.to(device).float()
             logits = clf(x)
             loss = loss_fn(logits, y)  # L_cls, Eq. 2

@@ -331,6 +331,7 @@ def _seg_loss(logits, target, ignore_index):
 def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir=None, resume=False,
                        progress=True, model=None, callback=None) -> nn.Module:
     "Train `cfg.model` on (image, pseudo mask) pairs; checkpoints to `out_dir` each epoch; returns the model (eval mode)."
+    from multiminer.cli import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     device = torch.device(device)
     pairs = _Pairs(images, masks)
     if len(pairs) == 0: raise ValueError("no training images")
@@ -368,7 +369,8 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
                                                  drop_last=True, num_workers=cfg.num_workers, generator=g,
                                                  pin_memory=device.type == 'cuda')
             run_loss = 0.
-            for j, (x, y) in enumerate(loader):
+            for j, (x, y) in enumerate(progress_bar(loader, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
+                                                    leave=False, unit='batch')):
                 it = epoch * per_epoch + j
                 for grp in opt.param_groups: grp['lr'] = poly_lr(cfg.lr, it, total, cfg.poly_power) * grp['lr_mult']
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -378,8 +380,6 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
                 scaler.scale(loss).backward()
                 scaler.step(opt); scaler.update()
                 run_loss += loss.item()
-                if progress and per_epoch >= 200 and (j + 1) % 100 == 0:
-                    print(f"  epoch {epoch + 1} iteration {j + 1}/{per_epoch}  loss {run_loss / (j + 1):.4f}")
             info = dict(epoch=epoch + 1, iteration=(epoch + 1) * per_epoch, loss=run_loss / max(per_epoch, 1),
                         seconds=round(time.time() - t0, 2))
             history.append(info)
@@ -391,7 +391,8 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
             if callback is not None: callback(info)
         if out_dir is not None:
             _atomic_save(dict(model=model.state_dict(), config=cfg.to_dict(), history=history), out_dir/'model.pt')
-            (out_dir/'history.json').write_text(json.dumps(history, indent=1))
+            tmp = out_dir/'history.json.tmp'; tmp.write_text(json.dumps(history, indent=1))
+            os.replace(tmp, out_dir/'history.json')
     model.history = history
     return model.eval()
 
@@ -494,9 +495,10 @@ def evaluate(model, images, masks=None, n_classes=None, crf=False, scales=(1.0,)
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
     K = n_classes or model.n_classes
     conf, t0 = torch.zeros(K, K, dtype=torch.long), time.time()
-    for i, item, pred in _iter_masks(model, images, crf, crf_kwargs, crf_workers, scales=scales, flip=flip,
-                                     batch_size=batch_size, device=device, amp=amp):
+    from multiminer.cli import progress_bar   # a tqdm bar with an ETA over the images
+    it = _iter_masks(model, images, crf, crf_kwargs, crf_workers, scales=scales, flip=flip, batch_size=batch_size,
+                     device=device, amp=amp)
+    for i, item, pred in progress_bar(it, 'evaluate', total=len(images), disable=not progress, unit='image'):
         conf += confusion_matrix(pred, _as_mask(masks[i] if masks is not None else item[-1]), K, ignore_index)
-        if progress and (i + 1) % 100 == 0: print(f"{i + 1}/{len(images)} images, {time.time() - t0:.0f} s")
     score = miou(conf)
     return (score, conf) if return_confusion else score

@@ -269,7 +269,7 @@ def test_pseudo_labels_failing_part_way(voc_clf, tmp_path):
     refused(['unfinished `pseudo-labels` run', '--force'], 'pseudo-labels', '--mining', tmp_path/'m', '--out', p)
     ok('pseudo-labels', '--mining', tmp_path/'m', '--out', p, '--force')
     assert len(list((p/'masks').glob('*.png'))) == 6 and not (p/'masks.partial').exists()
-    ok('train-seg', '--pseudo', p, '--out', tmp_path/'s', '--epochs', 1)
+    ok('train-seg', '--pseudo', p, '--out', tmp_path/'s', '--epochs', 1, '--workers', 0)
 
 
 def test_failure_in_a_new_folder_leaves_nothing(chain, tmp_path):
