@@ -7,8 +7,8 @@ __all__ = ['METHOD_TITLES', 'draw_object', 'ExplorerData', 'object_row', 'pseudo
            'erasing_by_step', 'explorer_data', 'settings_from_dict', 'load_demo', 'quick_settings', 'mine_small',
            'Explorer']
 
-# %% ../nbs/12_explorer.ipynb #00000004
-import json, tempfile, time
+# %% ../nbs/12_explorer.ipynb #9ec1698b
+import io, json, tempfile, time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 import ipywidgets as widgets
-from IPython.display import display, clear_output
+from IPython.display import Image, display, clear_output
 from .data import colorize_mask
 from .classifier import ClassifierConfig, load_classifier, freeze
 from .features import FeatureBank
@@ -26,7 +26,7 @@ from .pseudo import pseudo_masks, crf_refine
 from .segmentation import SegConfig, load_segmentation_model
 from .demo import DemoSettings, METHODS, make_synthetic, prepare, saliency_maps, score_masks
 
-# %% ../nbs/12_explorer.ipynb #00000006
+# %% ../nbs/12_explorer.ipynb #476a2739
 METHOD_TITLES = dict(cam='CAM', fixed_erasing='fixed-step erasing', multiminer='multi-miner')
 
 def _np(x):
@@ -40,7 +40,7 @@ def _hwc(image):
         raise ValueError(f"image must be (3, H, W) or (H, W, 3), got shape {a.shape}")
     return np.clip(a.transpose(1, 2, 0) if a.shape[0] == 3 and a.shape[-1] != 3 else a, 0, 1)
 
-# %% ../nbs/12_explorer.ipynb #00000007
+# %% ../nbs/12_explorer.ipynb #c2f95430
 def draw_object(image,                  # (3, H, W) or (H, W, 3) in [0, 1]
                 gt,                     # (H, W) ground truth: 0 background, c+1 class c, 255 ignore
                 cls:int,                # the object's class index c (its pixels are c+1 in `gt`)
@@ -65,7 +65,7 @@ def draw_object(image,                  # (3, H, W) or (H, W, 3) in [0, 1]
     step = T if step is None else int(step)
     if T and not 1 <= step <= T: raise ValueError(f"step must be in [1, {T}], got {step}")
     n_bottom = max(len(maps), 5)
-    fig = Figure(figsize=(1.75 * n_bottom, 4.3), layout='constrained')
+    fig = Figure(figsize=(1.75 * n_bottom, 4.3), dpi=72, layout='constrained')
     gs = fig.add_gridspec(2, 1, height_ratios=(1.15, 1))
     ta = [fig.add_subplot(s) for s in gs[0].subgridspec(1, 5)]
     ba = [fig.add_subplot(s) for s in gs[1].subgridspec(1, n_bottom)]
@@ -76,7 +76,8 @@ def draw_object(image,                  # (3, H, W) or (H, W, 3) in [0, 1]
     if bg_threshold is not None and (m >= bg_threshold).any() and (m < bg_threshold).any():
         ta[2].contour(m, levels=[bg_threshold], colors='c', linewidths=0.8)
     ta[2].contour(obj, levels=[0.5], colors='w', linewidths=0.5, linestyles='dotted')
-    ta[2].set_title(f"merged, steps 1..{step}" if len(maps) else "merged region", fontsize=7)
+    last = step if stop_step is None else min(step, stop_step - 1)   # the stopping step's map is not merged
+    ta[2].set_title(f"merged, steps 1..{last}" if len(maps) else "merged region", fontsize=7)
     if pseudo is not None: ta[3].imshow(colorize_mask(torch.as_tensor(_np(pseudo)))); ta[3].set_title('pseudo mask (image)', fontsize=7)
     else: ta[3].text(0.5, 0.5, 'no pseudo mask', ha='center', va='center', fontsize=7)
     for a in ta[:4]: a.set_xticks([]); a.set_yticks([])
@@ -111,7 +112,7 @@ def draw_object(image,                  # (3, H, W) or (H, W, 3) in [0, 1]
     if note: fig.supxlabel(note, fontsize=7)
     return fig
 
-# %% ../nbs/12_explorer.ipynb #0000000b
+# %% ../nbs/12_explorer.ipynb #a0ff42c6
 def _u8(x): return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 def _up(x, size):
@@ -147,7 +148,7 @@ class ExplorerData:
         if self.saliency is not None: out.append('saliency')
         return tuple(out)
 
-# %% ../nbs/12_explorer.ipynb #0000000c
+# %% ../nbs/12_explorer.ipynb #83391349
 def object_row(data:ExplorerData, i:int, c:int) -> int:
     "The row of object (image i, class index c) in `data.objects`; ValueError when image i has no such object."
     hit = ((data.objects[:, 0] == i) & (data.objects[:, 1] == c)).nonzero()
@@ -156,7 +157,7 @@ def object_row(data:ExplorerData, i:int, c:int) -> int:
         raise ValueError(f"image {i} has no object of class {c + 1}; its classes are {present}")
     return int(hit[0, 0])
 
-# %% ../nbs/12_explorer.ipynb #0000000e
+# %% ../nbs/12_explorer.ipynb #803f1aed
 def pseudo_mask(data:ExplorerData, method:str, i:int, cue:str='threshold') -> torch.Tensor:
     "(H, W) pseudo mask of image i from `method`'s merged strength with background cue `cue` (cached)."
     if method not in data.strengths: raise ValueError(f"method must be one of {tuple(data.strengths)}, got {method!r}")
@@ -173,7 +174,7 @@ def pseudo_mask(data:ExplorerData, method:str, i:int, cue:str='threshold') -> to
         data.cache[key] = m[0]
     return data.cache[key]
 
-# %% ../nbs/12_explorer.ipynb #0000000f
+# %% ../nbs/12_explorer.ipynb #a3ecd000
 def stop_note(data:ExplorerData, method:str, k:int) -> tuple:
     "(stop step or None, a sentence): where and why object row `k` stopped under `method`."
     if method == 'cam': return None, "CAM: one look at the image, no mining steps"
@@ -191,7 +192,7 @@ def stop_note(data:ExplorerData, method:str, k:int) -> tuple:
     return T + 1, (f"multi-miner: stopped at step {T + 1}: M_j^{T + 1} mines less new area than min_region = {cfg.min_region} "
                    f"of what is mined so far (p = {p:.2f}); T_j = {T}")
 
-# %% ../nbs/12_explorer.ipynb #00000010
+# %% ../nbs/12_explorer.ipynb #a0bd9096
 def object_view(data:ExplorerData, method:str, i:int, c:int, cue:str='threshold', step:int=None) -> dict:
     "The keyword arguments of `draw_object` for object (image i, class index c) under `method`, cue `cue`, up to `step`."
     if method not in data.steps: raise ValueError(f"method must be one of {tuple(data.steps)}, got {method!r}")
@@ -219,13 +220,13 @@ def object_view(data:ExplorerData, method:str, i:int, c:int, cue:str='threshold'
                 stop_threshold=data.settings.mining.stop_threshold if method == 'multiminer' else None,
                 bg_threshold=bg, scales=[s['scale'] for s in steps], note=note, title=title)
 
-# %% ../nbs/12_explorer.ipynb #00000012
+# %% ../nbs/12_explorer.ipynb #828c7761
 def erasing_by_step(modulator, bank, labels, cfg:ErasingConfig, device='cpu') -> list:
     "Fixed-step erasing's strength after each step k = 1..K, (N, C, h, w) each: the runs with `steps=k` (seeded, so each repeats the first k steps of the K-step run)."
     return [fixed_erasing(modulator, bank, labels, replace(cfg, steps=k), device=device, progress=False).strength
             for k in range(1, cfg.steps + 1)]
 
-# %% ../nbs/12_explorer.ipynb #00000013
+# %% ../nbs/12_explorer.ipynb #954d6210
 def explorer_data(S:DemoSettings, images, masks, labels, clf, bank, result:MiningResult, saliency=None,
                   device='cpu', source='') -> ExplorerData:
     "Gather what the explorer shows: CAM and fixed-step erasing recomputed on `bank`, the multi-miner's `result` as it is."
@@ -245,7 +246,7 @@ def explorer_data(S:DemoSettings, images, masks, labels, clf, bank, result:Minin
     return ExplorerData(images=images, masks=masks, labels=labels, result=result, saliency=saliency, settings=S, source=source,
                         strengths=dict(cam=cam, fixed_erasing=er[-1], multiminer=result.strength()), steps=steps)
 
-# %% ../nbs/12_explorer.ipynb #00000015
+# %% ../nbs/12_explorer.ipynb #025e6d07
 def settings_from_dict(d:dict) -> DemoSettings:
     "Rebuild the `DemoSettings` a demo wrote into metrics.json (`config.settings`, as `DemoSettings.to_dict` gives it)."
     sub = dict(classifier=ClassifierConfig, mining=MiningConfig, erasing=ErasingConfig, segmentation=SegConfig, saliency=SegConfig)
@@ -255,7 +256,7 @@ def settings_from_dict(d:dict) -> DemoSettings:
     names = {f.name for f in fields(DemoSettings)}
     return DemoSettings(**kw, **{k: v for k, v in d.items() if k not in sub and k in names})
 
-# %% ../nbs/12_explorer.ipynb #00000016
+# %% ../nbs/12_explorer.ipynb #b8ee3315
 def load_demo(folder='runs/demo', device='cpu', progress=True) -> ExplorerData:
     "Open a demo folder (`multiminer demo --out folder`): regenerate its images from the seed, reload the classifier, the mining state and the saliency network; recompute CAM and erasing."
     folder = Path(folder)
@@ -286,7 +287,7 @@ def load_demo(folder='runs/demo', device='cpu', progress=True) -> ExplorerData:
                        f"pseudo-mask mIoU (threshold cue) recomputed {data.info['pseudo_miou']}, saved {data.info['saved_pseudo_miou']}")
     return data
 
-# %% ../nbs/12_explorer.ipynb #00000018
+# %% ../nbs/12_explorer.ipynb #450ed4ab
 def quick_settings(n_classes=4, image_size=64, seed=0, max_steps=6) -> DemoSettings:
     "The demo's settings at a small image size and at most `max_steps` steps, every step's maps kept, a smaller saliency network: `mine_small` runs in under a minute on two CPU cores."
     S = DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed)
@@ -295,21 +296,23 @@ def quick_settings(n_classes=4, image_size=64, seed=0, max_steps=6) -> DemoSetti
     S.n_saliency = 64
     return S
 
-# %% ../nbs/12_explorer.ipynb #00000019
+# %% ../nbs/12_explorer.ipynb #04c198a2
 def mine_small(n_images=100, n_classes=4, image_size=64, seed=0, device='cpu', settings:DemoSettings=None,
                progress=False, out=None) -> ExplorerData:
     "Mine a small `SyntheticScenes` set here (classifier, saliency, CAM, erasing, multi-miner) keeping every step's maps; `out`: keep the checkpoints there."
     S = settings or quick_settings(n_classes, image_size, seed)
-    t0 = time.time()
+    t0, secs = time.time(), {}
     with tempfile.TemporaryDirectory() as tmp:
-        P = prepare(S, Path(out or tmp), seed, n_images, n_classes, image_size, device=device, progress=progress)
-    ds = P['ds']
+        P = prepare(S, Path(out or tmp), seed, n_images, n_classes, image_size, device=device, progress=progress, secs=secs)
+    ds, t1 = P['ds'], time.time()
     result = MultiMiner(P['clf'].modulator, S.mining, device=device).run(P['bank'], ds.labels, progress=progress)
+    secs['mining'], t1 = round(time.time() - t1, 2), time.time()
     data = explorer_data(S, ds.images, ds.masks, ds.labels, P['clf'], P['bank'], result, P['saliency'], device, source='mined here')
-    data.info = dict(seconds=round(time.time() - t0, 1), saliency_fg_iou=P['saliency_fg_iou'])
+    secs['cam_and_erasing'] = round(time.time() - t1, 2)
+    data.info = dict(seconds=round(time.time() - t0, 1), seconds_by_stage=secs, saliency_fg_iou=P['saliency_fg_iou'])
     return data
 
-# %% ../nbs/12_explorer.ipynb #0000001f
+# %% ../nbs/12_explorer.ipynb #f1c69f16
 class Explorer:
     "The interactive explorer: pick an image, an object, a method, a background cue and a step; the figure is `draw_object`'s."
     def __init__(self, data:ExplorerData, image:int=0, method:str='multiminer', cue:str='threshold'):
@@ -352,8 +355,9 @@ class Explorer:
         if self._quiet or self.object.value is None: return self.figure
         self.figure = draw_object(**object_view(self.data, self.method.value, self.image.value, self.object.value,
                                                 self.cue.value, self.step.value))
-        with self.out:
-            clear_output(wait=True); display(self.figure)
+        buf = io.BytesIO(); self.figure.savefig(buf, format='png', dpi=90)
+        with self.out:   # a PNG, whatever matplotlib backend the kernel runs
+            clear_output(wait=True); display(Image(data=buf.getvalue(), format='png'))
         return self.figure
 
     def _ipython_display_(self): display(self.widget)
