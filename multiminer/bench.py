@@ -328,7 +328,7 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
 
     if sz.vgg_images:
         nv = sz.vgg_images
-        say(f"VGG-16 (random weights) at 321², {nv} images, width-1024 modulator, n_m={sz.vgg_n_m}: cached against re-extracted")
+        say(f"VGG-16 (random weights) at 321², {nv} image{'s' if nv > 1 else ''}, width-1024 modulator, n_m={sz.vgg_n_m}: cached against re-extracted")
         torch.manual_seed(seed)
         ext = freeze(vgg16_extractor().to(device).eval())
         mod = ParallelModulator(512, labels.shape[1], width=1024)
