@@ -424,11 +424,11 @@ def format_bench(res:dict) -> str:
 # %% ../nbs/13_bench.ipynb #b468c0af
 def plot_bench(res:dict, path=None):
     "Left: the ratios (1 = no gain, linear, flat; fraction of peak against 1 = the peak). Right: forward+backward images/s by input side."
-    ratios = {'cached vs re-extract\n(synthetic)': _get(res, 'cached_vs_reextract.synthetic'),
-              'cached vs re-extract\n(VGG-16, 321²)': _get(res, 'cached_vs_reextract.vgg16_321'),
-              'cost per image\n4N vs N': res['cost_per_image_ratio'], 'peak memory\n2× vs 1× steps': res['memory_ratio_steps'],
-              'fraction of\npractical peak': res['fraction_of_peak']}
-    fig, axs = plt.subplots(1, 2, figsize=(9, 3), gridspec_kw=dict(width_ratios=(1.6, 1)))
+    ratios = {'re-extract /\ncached\n(synthetic)': _get(res, 'cached_vs_reextract.synthetic'),
+              're-extract /\ncached\n(VGG-16, 321²)': _get(res, 'cached_vs_reextract.vgg16_321'),
+              'cost per\nimage,\n4N / N': res['cost_per_image_ratio'], 'peak memory,\n2× / 1×\nsteps': res['memory_ratio_steps'],
+              'fraction of\npractical\npeak': res['fraction_of_peak']}
+    fig, axs = plt.subplots(1, 2, figsize=(9, 3.3), gridspec_kw=dict(width_ratios=(1.6, 1)))
     names = list(ratios); vals = [np.nan if v is None else v for v in ratios.values()]
     axs[0].bar(range(len(vals)), vals, color=['C0', 'C0', 'C1', 'C2', 'C3'])
     axs[0].axhline(1, color='k', lw=0.8, ls='--'); axs[0].set_xticks(range(len(vals)), names, fontsize=7)
