@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
             "modulator as a multi-label classifier.",
             ex("multiminer train-classifier --preset voc --voc-root DATA --out runs/voc/classifier --device cuda"))
     c.add_argument('--out', required=True, metavar='DIR', help="output folder (classifier.pt, run.json)")
+    c.add_argument('--modulator-width', type=_int_at_least(1), metavar='N', help="channels of the modulator's two 3x3 "
+                   "convolutions (default: the preset's, 1024 for voc); smaller only for quick tests of the VOC path")
 
     m = add('mine', [data, run], "Stage 1: Algorithm 1, object-adaptive region mining with the multi-scale "
             "schedule, on the frozen classifier's features.",
@@ -533,7 +535,7 @@ def cmd_train_classifier(args, argv=()):
     if args.weights is not None and not Path(args.weights).is_file(): raise CLIError(f"--weights {args.weights}: no such file")
     workers = args.workers if args.workers is not None else (4 if spec['kind'] == 'voc' else 0)
     over = _over(epochs=args.epochs, batch_size=args.batch_size, weights_path=args.weights, seed=seed,
-                 num_workers=workers)
+                 num_workers=workers, modulator_width=args.modulator_width)
     cfg = ClassifierConfig.voc(**over) if preset == 'voc' else ClassifierConfig.synthetic(input_size=input_size, **over)
     if spec['kind'] == 'voc':
         from multiminer.data import voc_transforms
