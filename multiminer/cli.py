@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['PRESETS', 'DATA_KINDS', 'SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'N_VAL_SYNTHETIC', 'RUN_FILE', 'SEED_MAX',
            'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'MULTI_SCALES', 'CLIError', 'build_parser', 'read_run',
-           'write_json', 'write_run', 'available_memory', 'synthetic_bytes', 'resolve_data', 'file_sha256',
-           'tree_sha256', 'output_sha256', 'data_fingerprint', 'require_upstream', 'check_same_data', 'prepare_out',
-           'check_resume', 'VOCImages', 'progress_bar', 'cmd_demo', 'cmd_table2', 'cmd_fig6', 'cmd_train_classifier',
-           'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_pseudo_labels', 'PseudoMaskDataset',
-           'cmd_train_seg', 'cmd_evaluate', 'main']
+           'write_json', 'write_run', 'available_memory', 'synthetic_bytes', 'demo_settings', 'resolve_data',
+           'file_sha256', 'tree_sha256', 'output_sha256', 'data_fingerprint', 'require_upstream', 'check_same_data',
+           'prepare_out', 'check_resume', 'VOCImages', 'progress_bar', 'cmd_demo', 'cmd_table2', 'cmd_fig6',
+           'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_pseudo_labels',
+           'PseudoMaskDataset', 'cmd_train_seg', 'cmd_evaluate', 'main']
 
 # %% ../nbs/11_cli.ipynb #3314d257
 import argparse, hashlib, json, os, re, shutil, sys, time
@@ -20,10 +20,10 @@ from . import __version__
 
 # %% ../nbs/11_cli.ipynb #d113e77f
 PRESETS = ('voc', 'synthetic')
-DATA_KINDS = ('voc', 'synthetic')
+DATA_KINDS = ('voc', 'synthetic', 'shapes')   # synthetic: SyntheticScenes, the demo's benchmark; shapes: SyntheticShapes
 SEG_MODELS = ('deeplab-largefov', 'deeplab-resnet101', 'small')   # = segmentation.MODEL_NAMES
-SYNTHETIC_DEFAULTS = dict(n_images=600, n_classes=4, image_size=96, seed=0)
-N_VAL_SYNTHETIC = 200          # images of the synthetic validation split (seed + 100000, as in the demo)
+SYNTHETIC_DEFAULTS = dict(n_images=400, n_classes=4, image_size=96, seed=0)   # = demo.run_demo's (tested below)
+N_VAL_SYNTHETIC = 200          # images of the synthetic validation split (seed + 100000): DemoSettings.n_val
 RUN_FILE = 'run.json'
 SEED_MAX = 2**32 - 1           # seeds are mixed into other integers (seed * 100003 + epoch, ...): keep them small
 
@@ -66,13 +66,14 @@ def _parents():
     data = argparse.ArgumentParser(add_help=False)
     g = data.add_argument_group('data', "Default: the previous stage's (its run.json), else --preset's, else VOC.")
     g.add_argument('--preset', choices=PRESETS, help="hyperparameters: 'voc' = the paper's (Sec. 4.1), "
-                   "'synthetic' = the small CPU preset")
-    g.add_argument('--data', choices=DATA_KINDS, help="'voc': PASCAL VOC 2012 + SBD; 'synthetic': SyntheticShapes")
+                   "'synthetic' = the demo's CPU settings (multiminer.demo.DemoSettings.for_args)")
+    g.add_argument('--data', choices=DATA_KINDS, help="'voc': PASCAL VOC 2012 + SBD; 'synthetic': "
+                   "SyntheticScenes, the demo's VOC-like benchmark; 'shapes': SyntheticShapes, the simple teaching set")
     g.add_argument('--voc-root', metavar='DIR', help="the folder holding VOCdevkit/ (or VOCdevkit/, or "
                    "VOCdevkit/VOC2012/ itself)")
     g.add_argument('--sbd-root', metavar='DIR', help="SBD's benchmark_RELEASE/ (default: beside VOCdevkit/)")
-    g = data.add_argument_group('synthetic data (--data synthetic; --image-size is also the network input size '
-                                'of --preset synthetic)')
+    g = data.add_argument_group('synthetic data (--data synthetic or shapes; --image-size is also the network '
+                                'input size of --preset synthetic)')
     g.add_argument('--n-images', type=_int_at_least(2), metavar='N', help=f"images (default {SYNTHETIC_DEFAULTS['n_images']})")
     g.add_argument('--n-classes', type=_int_at_least(1, 20), metavar='C', help=f"object classes, at most 20 "
                    f"(default {SYNTHETIC_DEFAULTS['n_classes']})")
@@ -227,27 +228,37 @@ def available_memory() -> int:
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 def synthetic_bytes(n_images, image_size) -> int:
-    "Memory of a SyntheticShapes set: float32 images (3 channels) and two int64 masks per image."
+    "Memory of a SyntheticScenes or SyntheticShapes set: float32 images (3 channels) and two int64 masks per image."
     return int(n_images) * int(image_size) ** 2 * (3 * 4 + 2 * 8)
 
 def _gib(b): return f"{b / 2**30:,.1f} GiB"
 
-def _check_sizes(spec, input_size):
-    "Refuse, before anything is allocated, a synthetic set that cannot fit and an input size the mining schedule cannot use."
-    from multiminer.mining import MiningConfig
-    if spec['kind'] == 'synthetic':
+def _demo_data(spec):
+    "The demo's name of the synthetic set behind `spec`: 'shapes' for --data shapes, else 'scenes' (also for VOC data)."
+    return 'shapes' if spec['kind'] == 'shapes' else 'scenes'
+
+def demo_settings(spec, input_size, seed):
+    "The demo's settings (`DemoSettings.for_args`) for the synthetic preset: its classifier, mining and segmentation configurations."
+    from multiminer.demo import DemoSettings
+    return DemoSettings.for_args(n_classes=spec.get('n_classes', 20), image_size=input_size, seed=seed,
+                                 data=_demo_data(spec))
+
+def _check_sizes(spec, input_size, seed=0):
+    "Refuse, before anything is allocated, a synthetic set that cannot fit and an input size the demo's settings cannot use."
+    if spec['kind'] != 'voc':
         need, have = synthetic_bytes(spec['n_images'], spec['image_size']), available_memory()
         if need > have:
             raise CLIError(f"--n-images {spec['n_images']} at --image-size {spec['image_size']} needs about {_gib(need)} "
                            f"of memory for the images and masks alone, more than the {_gib(have)} available: use fewer "
                            f"or smaller images")
     if input_size is not None:
-        try: MiningConfig.synthetic(input_size)
-        except ValueError:
-            sc = tuple(8 * max(1, round(input_size * s / 321 / 8)) for s in (256, 321, 417))
-            raise CLIError(f"--image-size {input_size} is too small for the multi-scale mining schedule: it gives the "
-                           f"scales {sc}, which must be strictly increasing; use a multiple of 8, at least 24 "
-                           f"(e.g. 32, 48, 64)") from None
+        if input_size % 8:
+            raise CLIError(f"--image-size {input_size} is not a multiple of 8 (the extractors' output stride, as in the "
+                           f"demo): use e.g. {8 * (input_size // 8)} or {8 * (input_size // 8 + 1)}")
+        try: demo_settings(spec, input_size, seed)
+        except ValueError as e:
+            raise CLIError(f"--image-size {input_size} cannot be used with the demo's settings ({e}); use a multiple of 8, "
+                           f"at least 32") from None
 
 def resolve_data(args, upstream=None):
     "(data spec, preset, seed, input size of the synthetic preset) from the options, else `upstream` (a run.json), else defaults."
@@ -255,7 +266,7 @@ def resolve_data(args, upstream=None):
     upd = up.get('data') or {}
     opt = lambda k: getattr(args, k, None)
     kind = opt('data') or upd.get('kind') or opt('preset') or 'voc'
-    preset = opt('preset') or up.get('preset') or kind
+    preset = opt('preset') or up.get('preset') or ('voc' if kind == 'voc' else 'synthetic')
     seed = opt('seed') if opt('seed') is not None else up.get('seed', SYNTHETIC_DEFAULTS['seed'])
     if kind == 'voc':
         root = opt('voc_root') or upd.get('voc_root')
@@ -264,14 +275,14 @@ def resolve_data(args, upstream=None):
                            "(see nbs/10_voc_recipe.ipynb for the layout)")
         spec = dict(kind='voc', voc_root=_abs(root), sbd_root=_abs(opt('sbd_root') or upd.get('sbd_root')))
     else:
-        spec = dict(kind='synthetic', **{k: opt(k) if opt(k) is not None else upd.get(k, d)
-                                         for k, d in SYNTHETIC_DEFAULTS.items() if k != 'seed'}, seed=seed)
+        spec = dict(kind=kind, **{k: opt(k) if opt(k) is not None else upd.get(k, d)
+                                  for k, d in SYNTHETIC_DEFAULTS.items() if k != 'seed'}, seed=seed)
         if not 1 <= spec['n_classes'] <= 20: raise CLIError(f"--n-classes must be in 1..20, got {spec['n_classes']}")
     input_size = None
     if preset == 'synthetic':
-        input_size = spec['image_size'] if kind == 'synthetic' else \
+        input_size = spec['image_size'] if kind != 'voc' else \
             (opt('image_size') or up.get('input_size') or SYNTHETIC_DEFAULTS['image_size'])
-    _check_sizes(spec, input_size)
+    _check_sizes(spec, input_size, seed)
     return spec, preset, seed, input_size
 
 # %% ../nbs/11_cli.ipynb #b6d6cc8d
@@ -305,7 +316,7 @@ def _quick_hash(h, path):
 def data_fingerprint(spec, ds=None) -> str:
     "A cheap hash of a data set: the spec of synthetic data; for VOC (`ds` a VOCSegDataset) its ids and files."
     h = hashlib.sha256()
-    if spec['kind'] == 'synthetic':
+    if spec['kind'] != 'voc':
         h.update(json.dumps({k: spec[k] for k in sorted(spec)}).encode())
         return h.hexdigest()
     h.update(f"voc {ds.split} {len(ds)}\n".encode())
@@ -373,8 +384,8 @@ def require_upstream(folder, stage, option) -> tuple:
 def check_same_data(up, spec, fingerprint, option, folder):
     "Refuse data other than the data the upstream folder was made from, naming what differs."
     if up.get('data_fingerprint') == fingerprint: return
-    if spec['kind'] == 'synthetic' and (up.get('data') or {}).get('kind') == 'synthetic':
-        diff = '; '.join(_differences(up['data'], spec, ignore=('kind',)))
+    if spec['kind'] != 'voc' and (up.get('data') or {}).get('kind') not in (None, 'voc'):
+        diff = '; '.join(_differences(up['data'], spec))
     else: diff = f"data {_show(up.get('data'))} then, {_show(spec)} now (fingerprint {_show(up.get('data_fingerprint'))} then, {_show(fingerprint)} now)"
     raise CLIError(f"these are not the images {option} {folder} was made from ({diff}): leave the data options out "
                    f"to use that folder's, or give the ones it used")
@@ -419,11 +430,12 @@ def check_resume(out, now, ignore=()):
 
 # %% ../nbs/11_cli.ipynb #2ed457d9
 def _synthetic(spec, split='train', n_val=N_VAL_SYNTHETIC):
-    from multiminer.data import SyntheticShapes
+    "The demo's data (`demo.make_synthetic`): its training set, or its validation set (seed + 100000)."
+    from multiminer.demo import make_synthetic
     if split in ('train', 'train_aug'):
-        return SyntheticShapes(spec['n_images'], spec['n_classes'], spec['image_size'], seed=spec['seed'])
+        return make_synthetic(_demo_data(spec), spec['n_images'], spec['n_classes'], spec['image_size'], spec['seed'])
     _check_sizes(dict(spec, n_images=n_val), None)
-    return SyntheticShapes(n_val, spec['n_classes'], spec['image_size'], seed=spec['seed'] + 100_000)
+    return make_synthetic(_demo_data(spec), n_val, spec['n_classes'], spec['image_size'], spec['seed'] + 100_000)
 
 def _voc(spec, split='train_aug', transform=None):
     "voc_dataset for `spec`; a missing or incomplete root raises its FileNotFoundError, naming the layout."
@@ -526,7 +538,7 @@ def _over(**kw): return {k: v for k, v in kw.items() if v is not None}
 
 def cmd_train_classifier(args, argv=()):
     "`multiminer train-classifier`: stage 0 (classifier.train_classifier)."
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
     from multiminer.classifier import ClassifierConfig, train_classifier, CHECKPOINT_NAME
     _check_device(args.device)
     out = Path(args.out)
@@ -536,7 +548,7 @@ def cmd_train_classifier(args, argv=()):
     workers = args.workers if args.workers is not None else (4 if spec['kind'] == 'voc' else 0)
     over = _over(epochs=args.epochs, batch_size=args.batch_size, weights_path=args.weights, seed=seed,
                  num_workers=workers, modulator_width=args.modulator_width)
-    cfg = ClassifierConfig.voc(**over) if preset == 'voc' else ClassifierConfig.synthetic(input_size=input_size, **over)
+    cfg = ClassifierConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).classifier, **over)
     if spec['kind'] == 'voc':
         from multiminer.data import voc_transforms
         ds, fp = _dataset(spec, 'train_aug', voc_transforms(train=True, crop_size=cfg.input_size))
@@ -607,7 +619,7 @@ def _mining_bar(args, cfg):
 def cmd_mine(args, argv=()):
     "`multiminer mine`: Algorithm 1 (mining.MultiMiner) on the features of a trained classifier."
     import torch
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
     from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
     from multiminer.mining import MiningConfig, MultiMiner
     _check_device(args.device)
@@ -622,7 +634,7 @@ def cmd_mine(args, argv=()):
                        f"{' px' if up.get('input_size') else ''} inputs, not {input_size or 'the VOC preset'}"
                        f"{' px' if input_size else ''}: mine with the input size (and --preset) it was trained with")
     over = _over(max_steps=args.max_steps, seed=seed)
-    cfg = MiningConfig.voc(**over) if preset == 'voc' else MiningConfig.synthetic(input_size, **over)
+    cfg = MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
     ds, fp = _dataset(spec)
     check_same_data(up, spec, fp, '--classifier', clf_dir)
     now = dict(config=asdict(cfg), data_fingerprint=fp, inputs=dict(classifier=dict(folder=_abs(clf_dir), files=hashes)))
@@ -805,6 +817,7 @@ class PseudoMaskDataset(Dataset):
 def cmd_train_seg(args, argv=()):
     "`multiminer train-seg`: segmentation.train_segmentation on the images and their pseudo masks."
     import torch
+    from dataclasses import replace
     from multiminer.segmentation import SegConfig, train_segmentation
     _check_device(args.device)
     pseudo = Path(args.pseudo)
@@ -819,7 +832,9 @@ def cmd_train_seg(args, argv=()):
     over = _over(n_classes=n_classes, epochs=args.epochs, batch_size=args.batch_size, weights_path=args.weights,
                  seed=seed, num_workers=workers)
     if preset == 'voc': cfg = SegConfig.voc(model=model, **over)
-    else: cfg = SegConfig.synthetic(model=model, crop_size=input_size or SYNTHETIC_DEFAULTS['image_size'], **over)
+    else:   # the demo's segmentation settings; its model_kwargs (the small network's stride) only for that network
+        base = demo_settings(spec, input_size or SYNTHETIC_DEFAULTS['image_size'], seed).segmentation
+        cfg = replace(base, model=model, **over, **({} if model == 'small' else dict(model_kwargs={})))
     ds, fp = _dataset(spec)
     check_same_data(up, spec, fp, '--pseudo', pseudo)
     if spec['kind'] == 'voc': pairs, masks = PseudoMaskDataset(ds, pseudo/'masks'), None

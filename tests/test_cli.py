@@ -182,3 +182,27 @@ def test_commands_refuse_code_with_exit_2(tmp_path):
     code, _, err = run_cli('train-classifier', *syn, '--epochs', 2, '--out', tmp_path/'c', '--resume')
     assert code == 2 and 'refused to load' in err
     assert not marker.exists()
+
+
+def test_synthetic_data_is_the_demos(tmp_path):
+    "--data synthetic is the demo's SyntheticScenes with the demo's settings (stride 4 ...); --data shapes the old set."
+    from dataclasses import asdict, replace
+    from multiminer.cli import _synthetic
+    from multiminer.data import SyntheticScenes, SyntheticShapes
+    from multiminer.demo import DemoSettings, make_synthetic
+    for data, cls, stride in (('synthetic', SyntheticScenes, 4), ('shapes', SyntheticShapes, 8)):
+        c, m = tmp_path/f'c_{data}', tmp_path/f'm_{data}'
+        syn = ['--data', data, '--n-images', 16, '--image-size', 32, '--quiet']
+        assert run_cli('train-classifier', *syn, '--epochs', 1, '--out', c)[0] == 0
+        S = DemoSettings.for_args(n_classes=4, image_size=32, seed=0, data='scenes' if data == 'synthetic' else 'shapes')
+        rec = read_run(c)
+        assert rec['data']['kind'] == data
+        assert rec['config'] == json.loads(json.dumps(asdict(replace(S.classifier, epochs=1, num_workers=0))))
+        assert rec['config']['small_stride'] == stride
+        assert run_cli('mine', '--classifier', c, '--out', m, '--max-steps', 1, '--quiet')[0] == 0
+        assert tuple(read_run(m)['config']['scales']) == S.mining.scales
+        spec = rec['data']
+        ds = _synthetic(spec)
+        assert isinstance(ds, cls) and torch.equal(ds.images, make_synthetic(S.data, 16, 4, 32, 0).images)
+        assert torch.equal(_synthetic(spec, 'val', 4).images, make_synthetic(S.data, 4, 4, 32, 100_000).images)
+    assert tuple(read_run(tmp_path/'m_synthetic')['config']['scales'])[0] == 32   # scenes: the first scale is the image size
