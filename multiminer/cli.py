@@ -7,15 +7,16 @@ __all__ = ['PRESETS', 'DATA_KINDS', 'SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'N_VAL_S
            'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'MULTI_SCALES', 'CLIError', 'build_parser', 'read_run',
            'write_json', 'write_run', 'available_memory', 'synthetic_bytes', 'demo_settings', 'resolve_data',
            'file_sha256', 'tree_sha256', 'output_sha256', 'data_fingerprint', 'require_upstream', 'check_same_data',
-           'prepare_out', 'check_resume', 'VOCImages', 'progress_bar', 'cmd_demo', 'cmd_table2', 'cmd_fig6',
-           'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_pseudo_labels',
-           'PseudoMaskDataset', 'cmd_train_seg', 'cmd_evaluate', 'main']
+           'prepare_out', 'check_resume', 'VOCImages', 'cmd_demo', 'cmd_table2', 'cmd_fig6', 'cmd_train_classifier',
+           'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_pseudo_labels', 'PseudoMaskDataset',
+           'cmd_train_seg', 'cmd_evaluate', 'main']
 
 # %% ../nbs/11_cli.ipynb #3314d257
 import argparse, hashlib, json, os, re, shutil, sys, time
 from pathlib import Path
 import torch
 from torch.utils.data import Dataset
+from .features import progress_bar   # the package's tqdm bar (also imported from here by 03 and 08)
 from . import __version__
 
 # %% ../nbs/11_cli.ipynb #d113e77f
@@ -471,13 +472,6 @@ def _dataset(spec, split='train_aug', transform=None):
 def _say(args, *msg):
     if not args.quiet: print(*msg, flush=True)
 
-def progress_bar(iterable=None, desc=None, total=None, disable=False, **kw):
-    "A tqdm bar on stderr with an ETA; redrawn at most every 30 s when stderr is not a terminal (a CI log)."
-    from tqdm.auto import tqdm
-    tty = hasattr(sys.stderr, 'isatty') and sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, mininterval=0.5 if tty else 30,
-                ascii=not tty, dynamic_ncols=tty, **kw)
-
 def _need(folder, name, made_by):
     p = Path(folder)
     if not (p/name).is_file():
@@ -486,10 +480,10 @@ def _need(folder, name, made_by):
 
 def _load_ck(path, made_by):
     "load_checkpoint(path), with a damaged file named: a CLIError that says which stage to run again."
-    from multiminer.models import load_checkpoint
-    try: return load_checkpoint(path)
-    except ValueError: raise
-    except Exception as e:
+    from multiminer.models import load_checkpoint, CheckpointError
+    try: return load_checkpoint(path)        # a refused (crafted) file: load_checkpoint's ValueError, as it is
+    except (CheckpointError, OSError) as err:
+        e = getattr(err, 'cause', err)       # torch's own error, for the message
         why = ' '.join(str(e).split())[:200] or type(e).__name__
         raise CLIError(f"{path} cannot be read ({type(e).__name__}: {why}): the file is damaged or truncated; run "
                        f"`multiminer {made_by}` again (with --force) to write it anew") from None
