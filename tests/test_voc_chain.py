@@ -21,6 +21,7 @@ from multiminer.segmentation import DeepLabLargeFOV, load_segmentation_model
 
 TRAIN, VAL = ['a1', 's1'], ['v1']          # train_aug = VOC train (a1) + SBD-only (s1); val = VOC val
 SIZE = (40, 56)                             # the fixture's image size (H, W)
+TEST, TEST_SIZE = ['t1', 't2'], (33, 47)     # VOC test ids (no masks), written beside the fixture
 
 
 def run_cli(*argv):
@@ -44,13 +45,16 @@ def chain(tmp_path_factory):
     classes = make_voc_fixture(t/'DATA', voc_train=('a1',), voc_val=tuple(VAL), sbd_train=('s1',), sbd_val=(), size=SIZE)
     vgg = t/'vgg16-397923af.pth'      # torchvision's key names ('features.<i>.weight'), random values
     torch.save({f'features.{k}': v for k, v in VGG16Extractor().state_dict().items()}, vgg)
+    voc2012 = t/'DATA'/'VOCdevkit'/'VOC2012'        # the test split: ids and images only, another size
+    (voc2012/'ImageSets'/'Segmentation'/'test.txt').write_text(''.join(f'{n}\n' for n in TEST))
+    for n in TEST: Image.fromarray(np.random.default_rng(1).integers(0, 256, TEST_SIZE + (3,), np.uint8)).save(voc2012/'JPEGImages'/f'{n}.jpg')
     sal = t/'saliency'; sal.mkdir()
     for n in TRAIN: Image.fromarray(np.full(SIZE, 255, np.uint8)).save(sal/f'{n}.png')
     voc = ['--preset', 'voc', '--voc-root', t/'DATA'/'VOCdevkit', '--workers', 0]
     secs, t0 = {}, time.time()
     def stage(name, *argv):
         nonlocal t0
-        ok(name, *argv); secs[name] = round(time.time() - t0, 1); t0 = time.time()
+        ok(name.split()[0], *argv); secs[name] = round(time.time() - t0, 1); t0 = time.time()
     stage('train-classifier', *voc, '--weights', vgg, '--epochs', 1, '--batch-size', 2, '--modulator-width', 16,
           '--out', t/'classifier')
     stage('mine', '--classifier', t/'classifier', '--out', t/'mining', '--max-steps', 3)
@@ -58,6 +62,7 @@ def chain(tmp_path_factory):
     stage('train-seg', *voc, '--model', 'deeplab-largefov', '--weights', vgg, '--pseudo', t/'pseudo', '--epochs', 1,
           '--batch-size', 2, '--out', t/'seg')
     stage('evaluate', '--seg', t/'seg', '--split', 'val', '--crf', '--out', t/'eval')
+    stage('evaluate --split test', '--seg', t/'seg', '--split', 'test', '--crf', '--out', t/'eval')
     print('seconds per stage:', secs)
     return dict(t=t, classes=classes, secs=secs)
 
@@ -130,3 +135,20 @@ def test_evaluation_on_val(chain):
     assert (ev['split'], ev['n_images'], ev['crf'], len(ev['iou_per_class'])) == ('val', 1, True, 21)
     assert 0 <= ev['miou'] <= 100
     assert read_run(chain['t']/'eval')['inputs']['seg']['files']['model.pt'] == file_sha256(chain['t']/'seg'/'model.pt')
+
+
+def test_test_split_predictions_in_the_server_layout(chain):
+    d = chain['t']/'eval'
+    pred = d/'results'/'VOC2012'/'Segmentation'/'comp6_test_cls'
+    assert sorted(p.name for p in pred.iterdir()) == [f'{n}.png' for n in TEST]
+    for n in TEST:
+        png = Image.open(pred/f'{n}.png')
+        assert png.mode == 'P' and png.size == TEST_SIZE[::-1]
+        assert int(np.asarray(png).max()) <= 20                   # class indices, no 255
+    ev = json.loads((d/'eval_test.json').read_text())
+    assert (ev['split'], ev['n_images'], ev['predictions']) == ('test', 2, 'results/VOC2012/Segmentation/comp6_test_cls')
+    assert 'miou' not in ev
+    rec = read_run(d)
+    assert set(rec['outputs']) == {'eval_val.json', 'eval_test.json', 'results/VOC2012/Segmentation/comp6_test_cls'}
+    code, _, err = run_cli('evaluate', '--seg', chain['t']/'seg', '--split', 'test', '--out', d)
+    assert code == 2 and 'eval_test.json exists' in err                  # never overwritten without --force
