@@ -8,8 +8,8 @@ __all__ = ['PRESETS', 'DATA_KINDS', 'SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'N_VAL_S
            'read_run', 'write_json', 'write_run', 'available_memory', 'synthetic_bytes', 'demo_settings',
            'resolve_data', 'file_sha256', 'tree_sha256', 'output_sha256', 'data_fingerprint', 'require_upstream',
            'check_same_data', 'prepare_out', 'check_resume', 'VOCImages', 'cmd_demo', 'cmd_table2', 'cmd_fig6',
-           'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_pseudo_labels',
-           'PseudoMaskDataset', 'cmd_train_seg', 'VOCTestImages', 'cmd_evaluate', 'main']
+           'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_erase',
+           'cmd_pseudo_labels', 'PseudoMaskDataset', 'cmd_train_seg', 'VOCTestImages', 'cmd_evaluate', 'main']
 
 # %% ../nbs/11_cli.ipynb #3314d257
 import argparse, hashlib, json, os, re, shutil, sys, time
@@ -152,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument('--resume', action='store_true', help="continue from mining_state.pt in --out")
     m.add_argument('--force', action='store_true', help="replace the run in --out instead of refusing it")
     m.add_argument('--max-steps', type=_int_at_least(1), metavar='N', help="cap on the mining steps (default: the preset's)")
+
+    r = add('erase', [data, run], "Baseline: fixed-step erasing (every object erased for the same number of steps) on "
+            "the frozen classifier's features, for comparison with `mine`; `pseudo-labels --mining` reads its folder.",
+            ex("multiminer erase --preset voc --voc-root DATA --classifier runs/voc/classifier --out runs/voc/erasing "
+               "--device cuda"))
+    r.add_argument('--classifier', required=True, metavar='DIR', help="a train-classifier output folder")
+    r.add_argument('--out', required=True, metavar='DIR', help="output folder (mining_result.pt, summary.json, "
+                   "features/ for VOC)")
+    r.add_argument('--force', action='store_true', help="replace the run in --out instead of refusing it")
+    r.add_argument('--steps', type=_int_at_least(1), metavar='K', help="erasing steps, the same for every object "
+                   "(default 3, the demo's)")
 
     q = add('pseudo-labels', [quiet], "Stage 2: pseudo masks from the merged region maps (Eq. 7), with "
             "optional saliency background cues and dense CRF; their mIoU against the ground truth.",
@@ -348,6 +359,7 @@ def _differences(then: dict, now: dict, ignore=()) -> list:
 
 # %% ../nbs/11_cli.ipynb #83609035
 STAGE_FILES = {'train-classifier': ('classifier.pt',), 'mine': ('mining_result.pt', 'mining_state.pt', 'summary.json'),
+               'erase': ('mining_result.pt', 'summary.json'),
                'pseudo-labels': ('pseudo_masks.pt', 'masks', 'masks.partial', 'summary.json'),
                'train-seg': ('model.pt', 'checkpoint.pt', 'history.json'), 'evaluate': ()}
 RESUMABLE = ('train-classifier', 'mine', 'train-seg')
@@ -360,14 +372,16 @@ def _take_back():
         if out.is_dir() and [p.name for p in out.iterdir()] == [RUN_FILE] and read_run(out).get('finished') is False:
             (out/RUN_FILE).unlink(); out.rmdir()
 
-def require_upstream(folder, stage, option) -> tuple:
-    "(run.json, {file: sha256}) of a finished `stage` folder whose outputs are unchanged; else a CLIError saying why."
+def require_upstream(folder, stage, option, also=()) -> tuple:
+    "(run.json, {file: sha256}) of a finished `stage` (or `also`) folder whose outputs are unchanged; else a CLIError saying why."
     folder = Path(folder)
     if not folder.is_dir(): raise CLIError(f"{option} {folder}: no such folder (expected one written by `multiminer {stage}`)")
     rec = read_run(folder)
     if not rec: raise CLIError(f"{option} {folder} has no {RUN_FILE}: expected a folder written by `multiminer {stage} --out {folder}`")
-    if rec.get('stage') != stage:
-        raise CLIError(f"{option} {folder} holds the output of `multiminer {rec.get('stage')}`, not of `multiminer {stage}`")
+    if rec.get('stage') not in (stage,) + tuple(also):
+        raise CLIError(f"{option} {folder} holds the output of `multiminer {rec.get('stage')}`, not of "
+                       + ' or '.join(f"`multiminer {s}`" for s in (stage,) + tuple(also)))
+    stage = rec['stage']
     if rec.get('finished') is not True:
         how = f"finish it with the same `multiminer {stage} ... --resume` command" if stage in RESUMABLE else \
               f"run `multiminer {stage}` again with --force"
@@ -603,6 +617,14 @@ def _feature_bank(clf, images, cfg, cache_dir, key, device, progress):
         else: bank[s]
     return bank
 
+def _mining_inputs(args, spec, ds):
+    "(images for the features, (N, C) image-level labels): for VOC the labels come from the masks, read once."
+    if spec['kind'] != 'voc': return ds.images, ds.labels
+    from multiminer.data import labels_from_mask
+    with progress_bar(range(len(ds)), 'image-level labels', disable=args.quiet, unit='image') as bar:
+        labels = torch.stack([labels_from_mask(_voc_mask(ds, i), ds.n_classes) for i in bar])
+    return VOCImages(ds), labels
+
 def _mining_bar(args, cfg):
     "A progress bar over the mining steps, with each step's record printed above it (MultiMiner.run's callback)."
     bar = progress_bar(desc='mining steps', total=cfg.max_steps, disable=args.quiet, unit='step')
@@ -644,12 +666,7 @@ def cmd_mine(args, argv=()):
     clf = load_classifier(clf_dir, device=args.device)
     if clf.n_classes != (ds.n_classes):
         raise CLIError(f"the classifier in {clf_dir} has {clf.n_classes} classes but the data has {ds.n_classes}")
-    if spec['kind'] == 'voc':
-        from multiminer.data import labels_from_mask
-        with progress_bar(range(len(ds)), 'image-level labels', disable=args.quiet, unit='image') as bar:
-            labels = torch.stack([labels_from_mask(_voc_mask(ds, i), ds.n_classes) for i in bar])
-        images = VOCImages(ds)
-    else: images, labels = ds.images, ds.labels
+    images, labels = _mining_inputs(args, spec, ds)
     names = _names(spec, len(labels), ds)
     freeze(clf)
     write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=False, **now)
@@ -672,6 +689,72 @@ def cmd_mine(args, argv=()):
     write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=True, **now,
               outputs={'mining_result.pt': file_sha256(out/'mining_result.pt')})
     print(f"mining: {_plural(len(result.history), 'step')}, objects per number of steps {hist}  ({out/'mining_result.pt'})")
+    return result
+
+# %% ../nbs/11_cli.ipynb #30895a10
+def _erasing_config(preset, spec, input_size, seed, steps):
+    "The demo's ErasingConfig (synthetic preset), or the mining stage's VOC schedule and optimiser."
+    from dataclasses import replace
+    from multiminer.baselines import ErasingConfig
+    from multiminer.mining import MiningConfig
+    over = _over(steps=steps, seed=seed)
+    if preset != 'voc': return replace(demo_settings(spec, input_size, seed).erasing, **over)
+    m = MiningConfig.voc()
+    return ErasingConfig(scales=m.scales, n_m=m.n_m, batch_size=m.batch_sizes[-1], lr=m.lr, weight_decay=m.weight_decay,
+                         optimizer=m.optimizer, **over)
+
+def cmd_erase(args, argv=()):
+    "`multiminer erase`: fixed-step erasing (baselines.fixed_erasing) on a trained classifier's features; a `mine`-style result."
+    import torch, types
+    from dataclasses import asdict
+    from multiminer.baselines import fixed_erasing
+    from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
+    from multiminer.mining import MiningResult, object_index
+    from multiminer.demo import DemoSettings
+    _check_device(args.device)
+    clf_dir = _need(args.classifier, CHECKPOINT_NAME, 'train-classifier')
+    up, hashes = require_upstream(clf_dir, 'train-classifier', '--classifier')
+    out = Path(args.out)
+    prepare_out(out, 'erase', False, args.force, [('--classifier', clf_dir)])
+    spec, preset, seed, input_size = resolve_data(args, up)
+    if preset == 'synthetic' and input_size is None: input_size = SYNTHETIC_DEFAULTS['image_size']
+    if input_size != up.get('input_size'):
+        raise CLIError(f"the classifier in {clf_dir} was trained on {up.get('input_size') or 'the VOC preset'}"
+                       f"{' px' if up.get('input_size') else ''} inputs, not {input_size or 'the VOC preset'}"
+                       f"{' px' if input_size else ''}: erase with the input size (and --preset) it was trained with")
+    cfg = _erasing_config(preset, spec, input_size, seed, args.steps)
+    ds, fp = _dataset(spec)
+    check_same_data(up, spec, fp, '--classifier', clf_dir)
+    now = dict(config=asdict(cfg), data_fingerprint=fp, inputs=dict(classifier=dict(folder=_abs(clf_dir), files=hashes)))
+    _load_ck(clf_dir/CHECKPOINT_NAME, 'train-classifier')
+    clf = load_classifier(clf_dir, device=args.device)
+    if clf.n_classes != ds.n_classes:
+        raise CLIError(f"the classifier in {clf_dir} has {clf.n_classes} classes but the data has {ds.n_classes}")
+    images, labels = _mining_inputs(args, spec, ds)
+    names = _names(spec, len(labels), ds)
+    freeze(clf)
+    write_run(out, 'erase', argv, preset, spec, input_size, seed=seed, finished=False, **now)
+    _say(args, f"erase: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: {cfg.steps} steps "
+         f"on the scales {cfg.scales}, on {args.device}")
+    t0 = time.time()
+    key = dict(classifier_sha256=hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
+    bank = _feature_bank(clf, images, types.SimpleNamespace(scales=cfg.scales, half_features=preset == 'voc'),
+                         out/'features' if spec['kind'] == 'voc' else None, key, args.device, not args.quiet)
+    er = fixed_erasing(clf.modulator, bank, labels, cfg, device=args.device, progress=not args.quiet)
+    objects = object_index(labels)
+    result = MiningResult(objects=objects, steps=torch.full((len(objects),), cfg.steps, dtype=torch.long),
+                          merged=1 - er.strength[objects[:, 0], objects[:, 1]], n_images=len(labels),
+                          n_classes=labels.shape[1], history=er.history,   # background below the demo's threshold:
+                          region_threshold=1 - DemoSettings.__dataclass_fields__['bg_fixed_erasing'].default)
+    save_mining_result(result, out/'mining_result.pt', labels, names, spec)
+    history = [{k: None if isinstance(v, float) and v != v else v for k, v in h.items()} for h in er.history]  # JSON: no NaN
+    summary = dict(n_images=len(labels), n_objects=len(objects), steps=cfg.steps, history=history,
+                   erased_percent=round(100 * float(er.erased.mean()), 2), seconds=round(time.time() - t0, 1))
+    write_json(out/'summary.json', summary)
+    write_run(out, 'erase', argv, preset, spec, input_size, seed=seed, finished=True, **now,
+              outputs={'mining_result.pt': file_sha256(out/'mining_result.pt')})
+    print(f"fixed-step erasing: {_plural(cfg.steps, 'step')}, {summary['erased_percent']:.1f}% of the positions erased  "
+          f"({out/'mining_result.pt'})")
     return result
 
 # %% ../nbs/11_cli.ipynb #dccc589a
@@ -730,7 +813,7 @@ def cmd_pseudo_labels(args, argv=()):
     from multiminer.pseudo import load_saliency
     from multiminer.data import VOC_CLASSES
     mining = _need(args.mining, 'mining_result.pt', 'mine')
-    up, hashes = require_upstream(mining, 'mine', '--mining')
+    up, hashes = require_upstream(mining, 'mine', '--mining', also=('erase',))
     out = Path(args.out)
     prepare_out(out, 'pseudo-labels', False, args.force, [('--mining', mining)] +
                 ([('--saliency', args.saliency)] if args.saliency else []))
@@ -743,7 +826,8 @@ def cmd_pseudo_labels(args, argv=()):
         raise CLIError(f"{len(ds)} images under the data options but {len(names)} were mined in {mining}")
     if args.saliency is not None: _check_saliency_folder(args.saliency, names)
     fields = DemoSettings.__dataclass_fields__
-    bg = args.bg_threshold if args.bg_threshold is not None else (fields['bg_multiminer_crf'].default if args.crf else result.bg_threshold)
+    crf_bg = fields['bg_fixed_erasing_crf' if up['stage'] == 'erase' else 'bg_multiminer_crf'].default   # the demo's, per method
+    bg = args.bg_threshold if args.bg_threshold is not None else round(crf_bg if args.crf else result.bg_threshold, 6)
     if spec['kind'] == 'voc':
         def get(i):
             image, mask = ds.load(i)
@@ -961,7 +1045,7 @@ def cmd_evaluate(args, argv=()):
 # %% ../nbs/11_cli.ipynb #890afd6d
 _HANDLERS = {'demo': cmd_demo, 'train-classifier': cmd_train_classifier, 'mine': cmd_mine,
              'pseudo-labels': cmd_pseudo_labels, 'train-seg': cmd_train_seg, 'evaluate': cmd_evaluate,
-             'table2': cmd_table2, 'fig6': cmd_fig6}
+             'table2': cmd_table2, 'fig6': cmd_fig6, 'erase': cmd_erase}
 
 def _user_error(e):
     "Is `e` an error the user can fix from its message alone (no traceback wanted)?"

@@ -59,6 +59,8 @@ def chain(tmp_path_factory):
           '--out', t/'classifier')
     stage('mine', '--classifier', t/'classifier', '--out', t/'mining', '--max-steps', 3)
     stage('pseudo-labels', '--mining', t/'mining', '--out', t/'pseudo', '--saliency', sal, '--crf')
+    stage('erase', '--classifier', t/'classifier', '--out', t/'erasing', '--steps', 2)
+    stage('pseudo-labels from erasing', '--mining', t/'erasing', '--out', t/'pseudo-erasing')
     stage('train-seg', *voc, '--model', 'deeplab-largefov', '--weights', vgg, '--pseudo', t/'pseudo', '--epochs', 1,
           '--batch-size', 2, '--out', t/'seg')
     stage('evaluate', '--seg', t/'seg', '--split', 'val', '--crf', '--out', t/'eval')
@@ -152,3 +154,18 @@ def test_test_split_predictions_in_the_server_layout(chain):
     assert set(rec['outputs']) == {'eval_val.json', 'eval_test.json', 'results/VOC2012/Segmentation/comp6_test_cls'}
     code, _, err = run_cli('evaluate', '--seg', chain['t']/'seg', '--split', 'test', '--out', d)
     assert code == 2 and 'eval_test.json exists' in err                  # never overwritten without --force
+
+
+def test_fixed_step_erasing_on_voc(chain):
+    d = chain['t']/'erasing'
+    rec = read_run(d)
+    cfg = rec['config']
+    assert rec['finished'] and (cfg['steps'], tuple(cfg['scales']), cfg['n_m'], cfg['optimizer']) == (2, (256, 321, 417), 15, 'sgd')
+    summary = json.loads((d/'summary.json').read_text())
+    assert [h['scale'] for h in summary['history']] == [256, 321]
+    result, extra = load_mining_result(d)
+    assert extra['names'] == TRAIN and (result.steps == 2).all() and result.merged.shape[-2:] == (53, 53)
+    assert sorted(p.name for p in (d/'features').glob('*.npy')) == [f'features_{s}.npy' for s in (256, 321, 417)]
+    masks = chain['t']/'pseudo-erasing'/'masks'
+    assert sorted(p.name for p in masks.iterdir()) == [f'{n}.png' for n in TRAIN]
+    assert Image.open(masks/'a1.png').size == SIZE[::-1]
