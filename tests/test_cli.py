@@ -182,3 +182,64 @@ def test_commands_refuse_code_with_exit_2(tmp_path):
     code, _, err = run_cli('train-classifier', *syn, '--epochs', 2, '--out', tmp_path/'c', '--resume')
     assert code == 2 and 'refused to load' in err
     assert not marker.exists()
+
+
+def test_synthetic_data_is_the_demos(tmp_path):
+    "--data synthetic is the demo's SyntheticScenes with the demo's settings (stride 4 ...); --data shapes the old set."
+    from dataclasses import asdict, replace
+    from multiminer.cli import _synthetic
+    from multiminer.data import SyntheticScenes, SyntheticShapes
+    from multiminer.demo import DemoSettings, make_synthetic
+    for data, cls, stride in (('synthetic', SyntheticScenes, 4), ('shapes', SyntheticShapes, 8)):
+        c, m = tmp_path/f'c_{data}', tmp_path/f'm_{data}'
+        syn = ['--data', data, '--n-images', 16, '--image-size', 32, '--quiet']
+        assert run_cli('train-classifier', *syn, '--epochs', 1, '--out', c)[0] == 0
+        S = DemoSettings.for_args(n_classes=4, image_size=32, seed=0, data='scenes' if data == 'synthetic' else 'shapes')
+        rec = read_run(c)
+        assert rec['data']['kind'] == data
+        assert rec['config'] == json.loads(json.dumps(asdict(replace(S.classifier, epochs=1, num_workers=0))))
+        assert rec['config']['small_stride'] == stride
+        assert run_cli('mine', '--classifier', c, '--out', m, '--max-steps', 1, '--quiet')[0] == 0
+        assert tuple(read_run(m)['config']['scales']) == S.mining.scales
+        spec = rec['data']
+        ds = _synthetic(spec)
+        assert isinstance(ds, cls) and torch.equal(ds.images, make_synthetic(S.data, 16, 4, 32, 0).images)
+        assert torch.equal(_synthetic(spec, 'val', 4).images, make_synthetic(S.data, 4, 4, 32, 100_000).images)
+    assert tuple(read_run(tmp_path/'m_synthetic')['config']['scales'])[0] == 32   # scenes: the first scale is the image size
+
+
+def test_erase_then_pseudo_labels(tmp_path):
+    "`multiminer erase`: fixed-step erasing with the demo's settings; its folder feeds pseudo-labels like a mining folder."
+    from multiminer.baselines import fixed_erasing
+    from multiminer.classifier import load_classifier
+    from multiminer.demo import DemoSettings
+    from multiminer.features import FeatureBank
+    syn = ['--data', 'synthetic', '--n-images', 16, '--image-size', 32, '--quiet']
+    assert run_cli('train-classifier', *syn, '--epochs', 1, '--out', tmp_path/'c')[0] == 0
+    code, out, err = run_cli('erase', '--classifier', tmp_path/'c', '--out', tmp_path/'e', '--steps', 2, '--quiet')
+    assert code == 0, err
+    rec = read_run(tmp_path/'e')
+    S = DemoSettings.for_args(n_classes=4, image_size=32, seed=0)
+    assert rec['stage'] == 'erase' and rec['finished'] and rec['config']['steps'] == 2
+    assert tuple(rec['config']['scales']) == S.erasing.scales and rec['config']['n_m'] == S.erasing.n_m
+    res, extra = load_mining_result(tmp_path/'e')
+    # the same as fixed_erasing called directly on the classifier's features
+    from multiminer.cli import _synthetic
+    ds = _synthetic(rec['data'])
+    clf = load_classifier(tmp_path/'c')
+    cfg = S.erasing; cfg.steps = 2
+    er = fixed_erasing(clf.modulator, FeatureBank(clf.extractor, ds.images, cfg.scales), ds.labels, cfg, progress=False)
+    assert torch.allclose(res.strength(), er.strength * (ds.labels > 0.5)[..., None, None], atol=1e-5)
+    assert (res.steps == 2).all() and abs(res.bg_threshold - 0.2) < 1e-9
+    summary = json.loads((tmp_path/'e'/'summary.json').read_text())      # valid JSON (no NaN)
+    assert summary['steps'] == 2 and summary['history'][0]['modulator_loss'] is None
+    assert run_cli('pseudo-labels', '--mining', tmp_path/'e', '--out', tmp_path/'p', '--quiet')[0] == 0
+    assert read_run(tmp_path/'p')['config']['bg_threshold'] == 0.2
+    assert run_cli('pseudo-labels', '--mining', tmp_path/'e', '--out', tmp_path/'pc', '--crf', '--quiet')[0] == 0
+    assert read_run(tmp_path/'pc')['config']['bg_threshold'] == DemoSettings.__dataclass_fields__['bg_fixed_erasing_crf'].default
+    import shutil
+    x = shutil.copytree(tmp_path/'c', tmp_path/'x'); (x/'mining_result.pt').write_bytes(b'')   # a classifier folder
+    code, _, err = run_cli('pseudo-labels', '--mining', x, '--out', tmp_path/'p2')
+    assert code == 2 and 'not of `multiminer mine` or `multiminer erase`' in err, err
+    code, _, err = run_cli('erase', '--classifier', tmp_path/'c', '--out', tmp_path/'e')
+    assert code == 2 and 'finished `erase` run' in err and '--force' in err

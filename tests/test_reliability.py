@@ -173,7 +173,7 @@ def test_out_is_a_file(chain, tmp_path):
 
 
 @pytest.mark.parametrize('argv, needle', [
-    (['train-classifier', '--data', 'synthetic', '--image-size', 36], '(32, 32, 48)'),
+    (['train-classifier', '--data', 'synthetic', '--image-size', 36], 'not a multiple of 8'),
     (['train-classifier', '--data', 'synthetic', '--seed', '99999999999999999999'], 'in 0..4294967295'),
     (['demo', '--seed', '99999999999999999999'], 'in 0..4294967295'),
     (['train-classifier', '--data', 'synthetic', '--n-images', 10**12], 'more than the'),
@@ -276,3 +276,22 @@ def test_failure_in_a_new_folder_leaves_nothing(chain, tmp_path):
     with _fail_at(3), pytest.raises(RuntimeError):
         run_cli('pseudo-labels', '--mining', chain/'m', '--out', tmp_path/'p', '--quiet')
     assert not (tmp_path/'p').exists()
+
+
+# --- load_checkpoint names the file whatever torch's error was ------------------------------------------
+
+@pytest.mark.parametrize('damage', ['empty', 'half', 'zip junk', 'text', 'bytes'])
+def test_load_checkpoint_names_a_damaged_file(tmp_path, damage):
+    from multiminer.models import load_checkpoint, CheckpointError
+    good = tmp_path/'good.pt'; torch.save(dict(w=torch.ones(4), config=dict(a=1)), good)
+    data = good.read_bytes()
+    content = {'empty': b'', 'half': data[:len(data) // 2], 'zip junk': b'PK\x03\x04 junk', 'text': b'hello\n',
+               'bytes': bytes(range(256)) * 4}[damage]
+    p = tmp_path/'ck.pt'; p.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"cannot read the checkpoint '{p}'"): load_checkpoint(p)
+
+
+def test_load_checkpoint_names_a_missing_file_or_a_folder(tmp_path):
+    from multiminer.models import load_checkpoint
+    with pytest.raises(FileNotFoundError, match=f"'{tmp_path/'none.pt'}'"): load_checkpoint(tmp_path/'none.pt')
+    with pytest.raises(IsADirectoryError, match=f"'{tmp_path}'"): load_checkpoint(tmp_path)

@@ -1,0 +1,171 @@
+"""The paper-scale path end to end (issue 13): `--preset voc` on a VOC-format fixture, on the CPU.
+
+train-classifier -> mine -> pseudo-labels -> train-seg -> evaluate with the VGG-16 extractor (paper pooling, output
+stride 8), 321-px crops, the 256/321/417 mining schedule and DeepLab-LargeFOV, each stage checked against what
+nbs/10_voc_recipe.ipynb says it writes. Only the sizes are tiny: two training images (one VOC, one SBD-only), one
+validation image, one epoch per network, a 16-channel modulator; the VGG-16 "ImageNet" weights are a random
+VGG-16 saved in torchvision's layout and read through --weights, as an offline machine would.
+"""
+import contextlib, io, json, time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multiminer.cli import main, read_run, load_mining_result, file_sha256
+from multiminer.classifier import load_classifier
+from multiminer.data import make_voc_fixture, read_mask_file
+from multiminer.models import VGG16Extractor, load_checkpoint
+from multiminer.segmentation import DeepLabLargeFOV, load_segmentation_model
+
+TRAIN, VAL = ['a1', 's1'], ['v1']          # train_aug = VOC train (a1) + SBD-only (s1); val = VOC val
+SIZE = (40, 56)                             # the fixture's image size (H, W)
+TEST, TEST_SIZE = ['t1', 't2'], (33, 47)     # VOC test ids (no masks), written beside the fixture
+
+
+def run_cli(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: code = main([str(a) for a in argv])
+        except SystemExit as e: code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(*argv):
+    code, out, err = run_cli(*argv, '--quiet')
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+    "The five stages with --preset voc on the fixture; {stage: seconds} of each, and the folder they wrote in."
+    t = tmp_path_factory.mktemp('vocchain')
+    classes = make_voc_fixture(t/'DATA', voc_train=('a1',), voc_val=tuple(VAL), sbd_train=('s1',), sbd_val=(), size=SIZE)
+    vgg = t/'vgg16-397923af.pth'      # torchvision's key names ('features.<i>.weight'), random values
+    torch.save({f'features.{k}': v for k, v in VGG16Extractor().state_dict().items()}, vgg)
+    voc2012 = t/'DATA'/'VOCdevkit'/'VOC2012'        # the test split: ids and images only, another size
+    (voc2012/'ImageSets'/'Segmentation'/'test.txt').write_text(''.join(f'{n}\n' for n in TEST))
+    for n in TEST: Image.fromarray(np.random.default_rng(1).integers(0, 256, TEST_SIZE + (3,), np.uint8)).save(voc2012/'JPEGImages'/f'{n}.jpg')
+    sal = t/'saliency'; sal.mkdir()
+    for n in TRAIN: Image.fromarray(np.full(SIZE, 255, np.uint8)).save(sal/f'{n}.png')
+    voc = ['--preset', 'voc', '--voc-root', t/'DATA'/'VOCdevkit', '--workers', 0]
+    secs, t0 = {}, time.time()
+    def stage(name, *argv):
+        nonlocal t0
+        ok(name.split()[0], *argv); secs[name] = round(time.time() - t0, 1); t0 = time.time()
+    stage('train-classifier', *voc, '--weights', vgg, '--epochs', 1, '--batch-size', 2, '--modulator-width', 16,
+          '--out', t/'classifier')
+    stage('mine', '--classifier', t/'classifier', '--out', t/'mining', '--max-steps', 3)
+    stage('pseudo-labels', '--mining', t/'mining', '--out', t/'pseudo', '--saliency', sal, '--crf')
+    stage('erase', '--classifier', t/'classifier', '--out', t/'erasing', '--steps', 2)
+    stage('pseudo-labels from erasing', '--mining', t/'erasing', '--out', t/'pseudo-erasing')
+    stage('train-seg', *voc, '--model', 'deeplab-largefov', '--weights', vgg, '--pseudo', t/'pseudo', '--epochs', 1,
+          '--batch-size', 2, '--out', t/'seg')
+    stage('evaluate', '--seg', t/'seg', '--split', 'val', '--crf', '--out', t/'eval')
+    stage('evaluate --split test', '--seg', t/'seg', '--split', 'test', '--crf', '--out', t/'eval')
+    print('seconds per stage:', secs)
+    return dict(t=t, classes=classes, secs=secs)
+
+
+def test_classifier_is_the_papers(chain):
+    d = chain['t']/'classifier'
+    rec = read_run(d)
+    assert rec['finished'] is True and rec['preset'] == 'voc' and rec['data']['kind'] == 'voc'
+    cfg = rec['config']
+    assert (cfg['extractor'], cfg['input_size'], cfg['optimizer'], cfg['lr_extractor'], cfg['lr_modulator']) == \
+           ('vgg16', 321, 'sgd', 1e-3, 1e-2)
+    assert rec['outputs'] == {'classifier.pt': file_sha256(d/'classifier.pt')}
+    clf = load_classifier(d)
+    assert isinstance(clf.extractor, VGG16Extractor) and clf.extractor.stride == 8 and clf.n_classes == 20
+    assert clf.modulator.width == 16 and len(clf.history) == 1
+    # the --weights file was loaded: the untrained conv1_1 equals it up to one SGD step
+    w0 = torch.load(chain['t']/'vgg16-397923af.pth', weights_only=True)['features.0.weight']
+    assert (clf.extractor[0].weight - w0).abs().max() < 0.05 * w0.abs().max()
+    with torch.no_grad(): f = clf.features(torch.zeros(1, 3, 321, 321))
+    assert f.shape == (1, 512, 41, 41)               # output stride 8 at 321 px
+
+
+def test_mining_runs_the_multiscale_schedule(chain):
+    d = chain['t']/'mining'
+    rec = read_run(d)
+    cfg = rec['config']
+    assert (tuple(cfg['scales']), tuple(cfg['batch_sizes']), cfg['n_m'], cfg['n_g']) == ((256, 321, 417), (256, 128, 64), 15, 1)
+    summary = json.loads((d/'summary.json').read_text())
+    scales = [h['scale'] for h in summary['history']]
+    assert scales == [256, 321, 417][:len(scales)] and len(scales) >= 1
+    # float16 conv5 features of both images at every scale, each with its completion marker
+    for s in (256, 321, 417):
+        feats = np.load(d/'features'/f'features_{s}.npy', mmap_mode='r')
+        assert feats.dtype == np.float16 and feats.shape == (2, 512, -(-s // 8), -(-s // 8)), (s, feats.shape)
+        assert json.loads((d/'features'/f'features_{s}.json').read_text())['size'] == s
+    result, extra = load_mining_result(d)
+    assert extra['names'] == TRAIN
+    present = sorted((int(i), int(c)) for i, c in extra['labels'].nonzero())
+    assert present == sorted((k, chain['classes'][n] - 1) for k, n in enumerate(TRAIN))   # labels from the masks
+    assert len(result.objects) == 2 and result.merged.shape[-2:] == (53, 53)   # M^f at the largest scale's resolution
+    assert 1 <= int(result.steps.min()) and int(result.steps.max()) <= len(scales)
+
+
+def test_pseudo_masks_are_voc_pngs(chain):
+    d = chain['t']/'pseudo'
+    assert sorted(p.name for p in (d/'masks').iterdir()) == [f'{n}.png' for n in TRAIN]
+    for n in TRAIN:
+        png = Image.open(d/'masks'/f'{n}.png')
+        assert png.mode == 'P' and png.size == SIZE[::-1]
+        assert set(np.unique(read_mask_file(d/'masks'/f'{n}.png')).tolist()) <= {0, chain['classes'][n], 255}
+    summary = json.loads((d/'summary.json').read_text())
+    assert summary['crf'] is True and summary['n_images'] == 2 and 0 <= summary['miou'] <= 100
+    assert len(summary['iou_per_class']) == 21
+
+
+def test_segmentation_is_largefov(chain):
+    d = chain['t']/'seg'
+    cfg = read_run(d)['config']
+    assert (cfg['model'], cfg['n_classes'], cfg['crop_size'], cfg['lr']) == ('deeplab-largefov', 21, 321, 1e-3)
+    net = load_segmentation_model(d)
+    assert isinstance(net, DeepLabLargeFOV) and net.n_classes == 21
+    assert len(json.loads((d/'history.json').read_text())) == 1
+    assert set(load_checkpoint(d/'checkpoint.pt')) >= {'model', 'epoch'}
+    with torch.no_grad(): y = net(torch.rand(1, 3, *SIZE))
+    assert y.shape == (1, 21) + SIZE
+
+
+def test_evaluation_on_val(chain):
+    ev = json.loads((chain['t']/'eval'/'eval_val.json').read_text())
+    assert (ev['split'], ev['n_images'], ev['crf'], len(ev['iou_per_class'])) == ('val', 1, True, 21)
+    assert 0 <= ev['miou'] <= 100
+    assert read_run(chain['t']/'eval')['inputs']['seg']['files']['model.pt'] == file_sha256(chain['t']/'seg'/'model.pt')
+
+
+def test_test_split_predictions_in_the_server_layout(chain):
+    d = chain['t']/'eval'
+    pred = d/'results'/'VOC2012'/'Segmentation'/'comp6_test_cls'
+    assert sorted(p.name for p in pred.iterdir()) == [f'{n}.png' for n in TEST]
+    for n in TEST:
+        png = Image.open(pred/f'{n}.png')
+        assert png.mode == 'P' and png.size == TEST_SIZE[::-1]
+        assert int(np.asarray(png).max()) <= 20                   # class indices, no 255
+    ev = json.loads((d/'eval_test.json').read_text())
+    assert (ev['split'], ev['n_images'], ev['predictions']) == ('test', 2, 'results/VOC2012/Segmentation/comp6_test_cls')
+    assert 'miou' not in ev
+    rec = read_run(d)
+    assert set(rec['outputs']) == {'eval_val.json', 'eval_test.json', 'results/VOC2012/Segmentation/comp6_test_cls'}
+    code, _, err = run_cli('evaluate', '--seg', chain['t']/'seg', '--split', 'test', '--out', d)
+    assert code == 2 and 'eval_test.json exists' in err                  # never overwritten without --force
+
+
+def test_fixed_step_erasing_on_voc(chain):
+    d = chain['t']/'erasing'
+    rec = read_run(d)
+    cfg = rec['config']
+    assert rec['finished'] and (cfg['steps'], tuple(cfg['scales']), cfg['n_m'], cfg['optimizer']) == (2, (256, 321, 417), 15, 'sgd')
+    summary = json.loads((d/'summary.json').read_text())
+    assert [h['scale'] for h in summary['history']] == [256, 321]
+    result, extra = load_mining_result(d)
+    assert extra['names'] == TRAIN and (result.steps == 2).all() and result.merged.shape[-2:] == (53, 53)
+    assert sorted(p.name for p in (d/'features').glob('*.npy')) == [f'features_{s}.npy' for s in (256, 321, 417)]
+    masks = chain['t']/'pseudo-erasing'/'masks'
+    assert sorted(p.name for p in masks.iterdir()) == [f'{n}.png' for n in TRAIN]
+    assert Image.open(masks/'a1.png').size == SIZE[::-1]
