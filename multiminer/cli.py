@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from .features import progress_bar   # the package's tqdm bar (also imported from here by 03 and 08)
 from . import __version__
+from .bench import add_bench_args, bench_from_args
 
 # %% ../nbs/11_cli.ipynb #d113e77f
 PRESETS = ('voc', 'synthetic')
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--force', action='store_true', help="replace the run in --out instead of refusing it")
     r.add_argument('--steps', type=_int_at_least(1), metavar='K', help="erasing steps, the same for every object "
                    "(default 3, the demo's)")
+
+    add_bench_args(add('bench', [], "Benchmark: mining's cost (cached features against re-extraction, per image, per step), "
+                       "memory per image, fraction of the machine's measured peak, CRF and network throughput; writes bench.json.",
+                       ex("multiminer bench --quick --out runs/bench")))
 
     q = add('pseudo-labels', [quiet], "Stage 2: pseudo masks from the merged region maps (Eq. 7), with "
             "optional saliency background cues and dense CRF; their mIoU against the ground truth.",
@@ -1045,7 +1050,8 @@ def cmd_evaluate(args, argv=()):
 # %% ../nbs/11_cli.ipynb #890afd6d
 _HANDLERS = {'demo': cmd_demo, 'train-classifier': cmd_train_classifier, 'mine': cmd_mine,
              'pseudo-labels': cmd_pseudo_labels, 'train-seg': cmd_train_seg, 'evaluate': cmd_evaluate,
-             'table2': cmd_table2, 'fig6': cmd_fig6, 'erase': cmd_erase}
+             'table2': cmd_table2, 'fig6': cmd_fig6, 'erase': cmd_erase,
+             'bench': lambda args, argv: bench_from_args(args)}
 
 def _user_error(e):
     "Is `e` an error the user can fix from its message alone (no traceback wanted)?"

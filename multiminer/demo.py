@@ -58,7 +58,7 @@ class DemoSettings:
             scales = [image_size]
             for f in (7 / 6, 4 / 3): scales.append(max(scales[-1] + 8, 8 * round(image_size * f / 8)))
             scales = tuple(scales)
-        mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=8, **({} if scales is None else dict(scales=scales)))
+        mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=-1, **({} if scales is None else dict(scales=scales)))
         seg = dict(crop_size=image_size, seed=seed, epochs=10, model_kwargs=dict(stride=stride))
         width = 64 if stride == 4 else 128   # the same cost per image at stride 4 (4x the positions) as width 128 at stride 8
         return cls(classifier=ClassifierConfig.synthetic(input_size=image_size, seed=seed, epochs=16, lr_step_epoch=12,
