@@ -158,7 +158,7 @@ def load_classifier(path, device='cpu') -> Classifier:
 def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', progress=True,
                      out_dir=None, resume=False) -> Classifier:
     "Stage 0: train extractor + modulator with the multi-label loss L_cls; checkpoint to `out_dir`, `resume` from it."
-    from multiminer.cli import progress_bar   # a tqdm bar with an ETA over each epoch's batches
+    from multiminer.features import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     n_classes, device = _n_classes(dataset), torch.device(device)
     clf = build_classifier(cfg, n_classes).to(device)
     opt, sched = make_optimizer(cfg, clf)

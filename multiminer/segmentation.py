@@ -331,7 +331,7 @@ def _seg_loss(logits, target, ignore_index):
 def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir=None, resume=False,
                        progress=True, model=None, callback=None) -> nn.Module:
     "Train `cfg.model` on (image, pseudo mask) pairs; checkpoints to `out_dir` each epoch; returns the model (eval mode)."
-    from multiminer.cli import progress_bar   # a tqdm bar with an ETA over each epoch's batches
+    from multiminer.features import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     device = torch.device(device)
     pairs = _Pairs(images, masks)
     if len(pairs) == 0: raise ValueError("no training images")
@@ -495,7 +495,7 @@ def evaluate(model, images, masks=None, n_classes=None, crf=False, scales=(1.0,)
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
     K = n_classes or model.n_classes
     conf, t0 = torch.zeros(K, K, dtype=torch.long), time.time()
-    from multiminer.cli import progress_bar   # a tqdm bar with an ETA over the images
+    from multiminer.features import progress_bar   # a tqdm bar with an ETA over the images
     it = _iter_masks(model, images, crf, crf_kwargs, crf_workers, scales=scales, flip=flip, batch_size=batch_size,
                      device=device, amp=amp)
     for i, item, pred in progress_bar(it, 'evaluate', total=len(images), disable=not progress, unit='image'):
