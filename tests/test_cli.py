@@ -8,28 +8,13 @@ import torch
 from PIL import Image
 
 from multiminer.cli import main, load_mining_result, read_run, _ordered_map, file_sha256
+from cli_helpers import run_cli, _one_thread
 from multiminer.data import make_voc_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 from crafted_checkpoints import RunsCode, crafted
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run_cli(*argv):
-    "Exit code, stdout and stderr of `multiminer *argv`, run in this process."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: code = main([str(a) for a in argv])
-        except SystemExit as e: code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_module_entry_point_exit_codes(tmp_path):

@@ -9,25 +9,10 @@ import torch
 from PIL import Image
 
 from multiminer.cli import main, read_run, file_sha256
+from cli_helpers import run_cli, ok, _one_thread
 from multiminer.data import make_voc_fixture
 
 SYN = ['--data', 'synthetic', '--n-images', 16, '--image-size', 32]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run_cli(*argv):
-    "Exit code, stdout and stderr of `multiminer *argv`, run in this process."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: code = main([str(a) for a in argv])
-        except SystemExit as e: code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def refused(needles, *argv):
@@ -39,12 +24,6 @@ def refused(needles, *argv):
     last = lines[0]
     for n in ([needles] if isinstance(needles, str) else needles): assert n in last, (n, err)
     return err
-
-
-def ok(*argv):
-    code, out, err = run_cli(*argv, '--quiet')
-    assert code == 0, err
-    return out
 
 
 @pytest.fixture(scope='module')

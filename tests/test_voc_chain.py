@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from multiminer.cli import main, read_run, load_mining_result, file_sha256
+from cli_helpers import run_cli, ok
 from multiminer.classifier import load_classifier
 from multiminer.data import make_voc_fixture, read_mask_file
 from multiminer.models import VGG16Extractor, load_checkpoint
@@ -22,20 +23,6 @@ from multiminer.segmentation import DeepLabLargeFOV, load_segmentation_model
 TRAIN, VAL = ['a1', 's1'], ['v1']          # train_aug = VOC train (a1) + SBD-only (s1); val = VOC val
 SIZE = (40, 56)                             # the fixture's image size (H, W)
 TEST, TEST_SIZE = ['t1', 't2'], (33, 47)     # VOC test ids (no masks), written beside the fixture
-
-
-def run_cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: code = main([str(a) for a in argv])
-        except SystemExit as e: code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def ok(*argv):
-    code, out, err = run_cli(*argv, '--quiet')
-    assert code == 0, err
-    return out
 
 
 @pytest.fixture(scope='module')
