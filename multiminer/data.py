@@ -238,6 +238,17 @@ def _draw(self: SyntheticShapes):
     self.params = p
 
 # %% ../nbs/01_data.ipynb #79997a67
+def _finish(ds, ignore_border:int):
+    "What both synthetic sets do once every image is drawn: labels from the masks, 255 near label borders, class areas."
+    ds.labels = labels_from_mask(ds.masks, ds.n_classes)
+    if ignore_border:  # pixels within ignore_border of a different label
+        k = 2 * ignore_border + 1
+        m = ds.masks[:, None].float()
+        edge = (nnf.max_pool2d(m, k, 1, k // 2) != -nnf.max_pool2d(-m, k, 1, k // 2))[:, 0]
+        ds.masks[edge] = IGNORE_INDEX
+    ds.areas = torch.stack([(ds.masks == c + 1).flatten(1).sum(1) for c in range(ds.n_classes)], 1)
+    del ds._gen
+
 @patch
 def _render(self: SyntheticShapes):
     "Paint the images chunk by chunk into a map of *layers* (background, clutter items, bodies, parts), then colour it."
@@ -304,14 +315,7 @@ def _render(self: SyntheticShapes):
         self.images[sl] = img.clamp_(0, 1)
         self.masks[sl] = layer_class[sl].gather(1, L).view(n, S, S)
         self.part_masks[sl] = part_class[sl].gather(1, part_of.long().flatten(1)).view(n, S, S)
-    self.labels = labels_from_mask(self.masks, self.n_classes)
-    if cfg['ignore_border']:  # pixels within ignore_border of a different label
-        k = 2 * cfg['ignore_border'] + 1
-        m = self.masks[:, None].float()
-        edge = (nnf.max_pool2d(m, k, 1, k // 2) != -nnf.max_pool2d(-m, k, 1, k // 2))[:, 0]
-        self.masks[edge] = IGNORE_INDEX
-    self.areas = torch.stack([(self.masks == c + 1).flatten(1).sum(1) for c in range(self.n_classes)], 1)
-    del self._gen
+    _finish(self, cfg['ignore_border'])
 
 # %% ../nbs/01_data.ipynb #60d12c5b
 _N_TEXTURES = 4    # texture families: 0 stripes, 1 checker, 2 smooth noise, 3 blotches
@@ -703,14 +707,7 @@ def _render(self: SyntheticScenes):
         if cfg['noise']: img = img + cfg['noise'] * torch.randn(img.shape, generator=g)
         self.images[sl] = img.clamp_(0, 1)
         self.masks[sl], self.part_masks[sl] = mask, part_mask
-    self.labels = labels_from_mask(self.masks, self.n_classes)
-    if cfg['ignore_border']:
-        k = 2 * cfg['ignore_border'] + 1
-        m = self.masks[:, None].float()
-        edge = (nnf.max_pool2d(m, k, 1, k // 2) != -nnf.max_pool2d(-m, k, 1, k // 2))[:, 0]
-        self.masks[edge] = IGNORE_INDEX
-    self.areas = torch.stack([(self.masks == c + 1).flatten(1).sum(1) for c in range(self.n_classes)], 1)
-    del self._gen
+    _finish(self, cfg['ignore_border'])
 
 # %% ../nbs/01_data.ipynb #4e80686d
 def cam_coverage(cams: torch.Tensor, masks: torch.Tensor, labels: Optional[torch.Tensor] = None,
