@@ -16,8 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as tnf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from .distributed import (ShardedBatchSampler, all_sum, barrier, ddp, global_batchnorm, global_mean, is_main,
+                                    shard, world_size)
 from .models import SmallExtractor, ParallelModulator, load_checkpoint, vgg16_extractor
 
 # %% ../nbs/03_classifier.ipynb #47623e9a
@@ -118,13 +120,13 @@ def _n_classes(dataset):
     labels = getattr(dataset, 'labels', None)
     return int(labels.shape[1]) if labels is not None else int(len(dataset[0][1]))
 
-def _prepare(images, cfg, device, train=False):
-    "Move to device, resize to cfg.input_size if needed, random flips when training with cfg.hflip."
+def _prepare(images, cfg, device, train=False, n_global=None):
+    "Move to device, resize to cfg.input_size if needed, random flips when training with cfg.hflip (drawn for the `n_global` images of the whole batch when it is split over ranks)."
     images = images.to(device, non_blocking=True).float()
     if images.shape[-2:] != (cfg.input_size, cfg.input_size):
         images = tnf.interpolate(images, size=(cfg.input_size, cfg.input_size), mode='bilinear', align_corners=False)
     if train and cfg.hflip:
-        flip = torch.rand(images.shape[0]) < 0.5
+        flip = shard(torch.rand(images.shape[0] if n_global is None else n_global) < 0.5)
         images = torch.where(flip.to(device)[:, None, None, None], images.flip(-1), images)
     return images
 
@@ -157,10 +159,11 @@ def load_classifier(path, device='cpu') -> Classifier:
 # %% ../nbs/03_classifier.ipynb #c22bf1ba
 def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', progress=True,
                      out_dir=None, resume=False) -> Classifier:
-    "Stage 0: train extractor + modulator with the multi-label loss L_cls; checkpoint to `out_dir`, `resume` from it."
+    "Stage 0: train extractor + modulator with the multi-label loss L_cls; checkpoint to `out_dir`, `resume` from it. Under `torchrun`: DistributedDataParallel, each rank on its share of every batch."
     from multiminer.features import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     n_classes, device = _n_classes(dataset), torch.device(device)
     clf = build_classifier(cfg, n_classes).to(device)
+    if world_size() > 1: global_batchnorm(clf)      # batch statistics of the whole batch (14_distributed)
     opt, sched = make_optimizer(cfg, clf)
     ckpt, start = (Path(out_dir)/CHECKPOINT_NAME if out_dir is not None else None), 0
     if resume:
@@ -171,25 +174,29 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
             if changed: warnings.warn(f"resuming with a configuration that differs from the checkpoint's in {sorted(changed)}")
             clf.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
             _set_rng_state(ck['rng']); clf.history, start = ck['history'], ck['epoch']
-            if progress: print(f"resuming from {ckpt} after epoch {start}")
-        elif progress: print(f"no checkpoint at {ckpt}; starting from scratch")
+            if progress and is_main(): print(f"resuming from {ckpt} after epoch {start}")
+        elif progress and is_main(): print(f"no checkpoint at {ckpt}; starting from scratch")
+    progress, net, n = progress and is_main(), ddp(clf), len(dataset)
     loss_fn = nn.BCEWithLogitsLoss()
     for epoch in range(start, cfg.epochs):
-        clf.train()
+        net.train()
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        dl = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.num_workers,
-                        drop_last=len(dataset) > cfg.batch_size, pin_memory=device.type == 'cuda')  # no 1-image batch for BatchNorm
+        batches = BatchSampler(RandomSampler(dataset, generator=g), cfg.batch_size, drop_last=n > cfg.batch_size)  # no 1-image batch for BatchNorm
+        dl = DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches), generator=g, num_workers=cfg.num_workers,
+                        pin_memory=device.type == 'cuda')   # one process: what shuffle=True draws
         t0, tot_loss, n_img, n_right, n_exact = time.time(), 0., 0, 0, 0
-        for images, labels, *_ in progress_bar(dl, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
-                                               leave=False, unit='batch'):
-            x, y = _prepare(images, cfg, device, train=True), labels.to(device).float()
-            logits = clf(x)
-            loss = loss_fn(logits, y)  # L_cls, Eq. 2
+        for j, (images, labels, *_) in enumerate(progress_bar(dl, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
+                                                              leave=False, unit='batch')):
+            n_global = min(cfg.batch_size, n - j * cfg.batch_size)           # the whole batch, over all ranks
+            x, y = _prepare(images, cfg, device, train=True, n_global=n_global), labels.to(device).float()
+            logits = net(x)
+            loss = global_mean(loss_fn(logits, y), len(y), n_global)  # L_cls, Eq. 2
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
             with torch.no_grad():
                 right = (logits > 0) == (y > 0.5)
-                tot_loss += loss.item() * len(y); n_img += len(y)
+                tot_loss += loss.item() * n_global / world_size(); n_img += len(y)
                 n_right += right.sum().item(); n_exact += right.all(1).sum().item()
+        tot_loss, n_img, n_right, n_exact = all_sum((tot_loss, n_img, n_right, n_exact))   # over the ranks
         lrs = [g['lr'] for g in opt.param_groups]
         sched.step()
         clf.history.append(dict(epoch=epoch + 1, loss=tot_loss / n_img, label_acc=n_right / (n_img * n_classes),
@@ -198,13 +205,14 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
         if progress:
             print(f"epoch {h['epoch']:>3}/{cfg.epochs}  loss {h['loss']:.4f}  label-acc {h['label_acc']:.3f}  "
                   f"exact {h['exact_acc']:.3f}  lr {' '.join(f'{l:.0e}' for l in lrs)}  {h['seconds']:.1f}s")
-        if ckpt is not None:
+        if ckpt is not None and is_main():
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix('.tmp')
             torch.save(dict(model=clf.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                             epoch=epoch + 1, rng=_rng_state(), config=asdict(cfg), n_classes=n_classes,
                             history=clf.history), tmp)
             os.replace(tmp, ckpt)
+    barrier()   # no rank goes on before rank 0 has written the checkpoint
     return clf.eval()
 
 # %% ../nbs/03_classifier.ipynb #662b604a

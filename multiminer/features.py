@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .distributed import barrier, gather_rows, is_main, rank, world_size
 
 # %% ../nbs/04_features.ipynb #1d5dac8f
 def progress_bar(iterable=None, desc=None, total=None, disable=False, **kw):
@@ -56,9 +57,19 @@ def extract_features(extractor:nn.Module, # frozen feature extractor with `.out_
                      out_path=None,         # write to this .npy file as a memory map instead of RAM
                      progress:bool=False,
                     ) -> torch.Tensor:      # (N, D, h, w) features, h = w = ceil(r / stride)
-    "Run the extractor once over all images at input size `size` and return the stacked features."
-    n = len(images)
+    "Run the extractor once over all images at input size `size` and return the stacked features. Under `torchrun` each rank extracts its share of the images and every rank gets them all (`out_path` must then be on a filesystem every rank sees)."
+    n, W = len(images), world_size()
     if n == 0: raise ValueError("extract_features: no images")
+    if W == 1: return _extract(extractor, images, size, batch_size, half, device, out_path, progress)
+    if n < W: raise ValueError(f"extract_features: {n} images for {W} processes; run with at most {n} processes")
+    part = images[rank()::W] if torch.is_tensor(images) else torch.utils.data.Subset(images, range(rank(), n, W))
+    local = _extract(extractor, part, size, batch_size, half, device, None, progress and is_main())
+    return gather_rows(local, n) if out_path is None else _write_rows(local, n, out_path)
+
+@torch.no_grad()
+def _extract(extractor, images, size, batch_size, half, device, out_path, progress):
+    "`extract_features` in one process."
+    n = len(images)
     was_training = extractor.training
     extractor.eval().to(device)
     dtype = torch.float16 if half else torch.float32
@@ -83,6 +94,21 @@ def extract_features(extractor:nn.Module, # frozen feature extractor with `.out_
         os.replace(partial, out_path)
         out = torch.from_numpy(np.load(out_path, mmap_mode='r+'))
     return out
+
+# %% ../nbs/04_features.ipynb #1807568a
+def _write_rows(local, n, out_path):
+    "Rows rank, rank + W, ... of an (n, ...) feature file written by each rank into one memory map, renamed when complete."
+    out_path = Path(out_path)
+    partial = out_path.with_name(out_path.name + '.partial')
+    if is_main():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(str(partial), mode='w+', dtype=local.numpy().dtype, shape=(n,) + tuple(local.shape[1:])).flush()
+    barrier()
+    mm = np.load(partial, mmap_mode='r+'); mm[rank()::world_size()] = local.numpy(); mm.flush(); del mm
+    barrier()
+    if is_main(): os.replace(partial, out_path)
+    barrier()
+    return torch.from_numpy(np.load(out_path, mmap_mode='r+'))
 
 # %% ../nbs/04_features.ipynb #be390a30
 class FeatureBank:

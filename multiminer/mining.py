@@ -16,6 +16,7 @@ from torch import nn
 from fastcore.basics import patch
 from .core import region_map, mask_features, size_regularizer, generator_loss, merge_region_maps, input_scale
 from .models import CategoryAwareGenerator
+from .distributed import all_sum, broadcast_, ddp, global_mean, is_main, shard, world_size
 
 # %% ../nbs/05_mining.ipynb #08b93c1b
 STOP_REASONS = ('mining', 'not_recognised', 'nothing_mined', 'cap')   # why an object's sub-process ended
@@ -125,18 +126,20 @@ def batch_indices(n:int, batch_size:int, rng:torch.Generator) -> list:
 
 def fit_modulator(modulator:nn.Module, opt, feats:torch.Tensor, masks:torch.Tensor, labels:torch.Tensor,
                   epochs:int, batch_size:int, rng:torch.Generator, device='cpu', subset=None) -> float:
-    "Train the modulator as a multi-label classifier on masked features F ⊙ masks (Eq. 1, Eq. 2), on the images `subset` (default all); mean loss."
+    "Train the modulator as a multi-label classifier on masked features F ⊙ masks (Eq. 1, Eq. 2), on the images `subset` (default all); mean loss. Under `torchrun` each rank trains on its share of every batch (DDP)."
     modulator.train(); modulator.requires_grad_(True)
+    net = ddp(modulator)
     pool = None if subset is None else torch.as_tensor(subset, dtype=torch.long)
     tot, n = 0., 0
     for _ in range(epochs):
         for b in batch_indices(len(feats) if pool is None else len(pool), batch_size, rng):
-            idx = b if pool is None else pool[b]
+            idx = shard(b if pool is None else pool[b])                                        # all of b in one process
             Ft = mask_features(feats[idx].to(device, torch.float32), masks[idx].to(device))   # F^t, Eq. 1
-            loss = F.binary_cross_entropy_with_logits(modulator(Ft), labels[idx].to(device))  # L_cls, Eq. 2
+            loss = F.binary_cross_entropy_with_logits(net(Ft), labels[idx].to(device))        # L_cls, Eq. 2
+            loss = global_mean(loss, len(idx), len(b))
             opt.zero_grad(); loss.backward(); opt.step()
-            tot, n = tot + loss.item() * len(idx), n + len(idx)
-    return tot / max(n, 1)
+            tot, n = tot + loss.item() * len(b) / world_size(), n + len(b)
+    return all_sum((tot,))[0] / max(n, 1)
 
 # %% ../nbs/05_mining.ipynb #f89f16a5
 class MultiMiner:
@@ -181,10 +184,10 @@ def train_modulator(self:MultiMiner, feats, masks, labels, bs):
 
 # %% ../nbs/05_mining.ipynb #eb61b69e
 @patch
-def generator_step_loss(self:MultiMiner, Ft, y, modulator=None):
-    "L_g of Eq. 6 on one batch of F^t with multi-hot labels `y`, and its two terms; `modulator` is the adversary (default the first)."
+def generator_step_loss(self:MultiMiner, Ft, y, modulator=None, generator=None):
+    "L_g of Eq. 6 on one batch of F^t with multi-hot labels `y`, and its two terms; `modulator` is the adversary (default the first), `generator` the network to run (default `self.generator`; its DDP wrapper when training on several ranks)."
     mod = self.modulators[0] if modulator is None else modulator
-    Mt = region_map(self.generator(Ft), self.cfg.eps)                    # M~_j^t, Eq. 3
+    Mt = region_map((self.generator if generator is None else generator)(Ft), self.cfg.eps)   # M~_j^t, Eq. 3
     pos = y > 0.5
     if self.cfg.adversary == 'joint':
         # Eq. 4 as printed, over the image's own categories (absent categories' maps set to 1)
@@ -197,6 +200,7 @@ def generator_step_loss(self:MultiMiner, Ft, y, modulator=None):
     # L_cls(F~^t) on the positive categories: the generator wins when the modulator stops recognising them
     cls = F.binary_cross_entropy_with_logits(s, torch.ones_like(s)) if len(s) else Mt.sum() * 0
     reg = size_regularizer(Mt, y, normalize=self.cfg.normalize_reg)      # L_reg, Eq. 5
+    if world_size() > 1: cls, reg = global_mean(cls, len(s)), global_mean(reg, len(y))   # means over the whole batch
     return generator_loss(cls, reg, self.cfg.lam), cls.detach(), reg.detach()
 
 @patch
@@ -204,6 +208,7 @@ def train_generator(self:MultiMiner, feats, masks, labels, bs):
     "Stage 2 (Alg. 1, lines 7–10): θ_m frozen (it only guides), minimise L_g (Eq. 6) for n_g epochs on the images that still have an object being mined; each batch plays against its half's modulator."
     for m in self.modulators: m.eval(); m.requires_grad_(False)
     self.generator.train(); self.generator.requires_grad_(True)
+    net = ddp(self.generator)
     tot, n = dict(loss=0., cls=0., reg=0.), 0
     busy = torch.zeros(len(feats), dtype=torch.bool)           # only their maps will be stored: train where it matters
     busy[self.state.objects[self.state.active, 0]] = True
@@ -211,14 +216,15 @@ def train_generator(self:MultiMiner, feats, masks, labels, bs):
     for _ in range(self.cfg.n_g):
         batches = [(k, f[b]) for k, f in enumerate(folds) for b in batch_indices(len(f), bs, self.rng)]
         for i in torch.randperm(len(batches), generator=self.rng).tolist():
-            k, idx = batches[i]
+            k, b = batches[i]
+            idx = shard(b)                                      # this rank's share (all of b in one process)
             loss, cls, reg = self.generator_step_loss(self._masked(feats, masks, idx), labels[idx].to(self.device),
-                                                      self.modulators[k])
+                                                      self.modulators[k], net)
             self.opt_g.zero_grad(); loss.backward(); self.opt_g.step()
-            for key, v in zip(tot, (loss.item(), cls.item(), reg.item())): tot[key] += v * len(idx)
-            n += len(idx)
+            for key, v in zip(tot, (loss.item(), cls.item(), reg.item())): tot[key] += v * len(b) / world_size()
+            n += len(b)
     for m in self.modulators: m.requires_grad_(True)
-    return {k: v / max(n, 1) for k, v in tot.items()}
+    return dict(zip(tot, (v / max(n, 1) for v in all_sum(tuple(tot.values())))))
 
 # %% ../nbs/05_mining.ipynb #c4cd8a9e
 @patch
@@ -237,14 +243,16 @@ def judge_probs(self:MultiMiner, feats, masks, idx):
 @patch
 @torch.no_grad()
 def generate(self:MultiMiner, feats, masks, objects, bs):
-    "Stage 3: region maps M_j^t of the updated generator, and the judge's p(j | F^t), for each object."
+    "Stage 3: region maps M_j^t of the updated generator, and the judge's p(j | F^t), for each object. Under `torchrun` each rank computes its share of the images and every rank receives all maps."
     self.generator.eval()
     for m in self.modulators: m.eval()
-    maps = torch.ones((len(objects),) + tuple(feats.shape[-2:]))
+    several = world_size() > 1
+    maps = (torch.zeros if several else torch.ones)((len(objects),) + tuple(feats.shape[-2:]))
     probs = torch.zeros(len(objects))
     if len(objects) == 0: return maps, probs
     imgs = objects[:, 0].unique()
     row = torch.full((int(imgs.max()) + 1,), -1, dtype=torch.long)
+    imgs = shard(imgs)                                   # this rank's images (all of them in one process)
     for i in range(0, len(imgs), bs):
         idx = imgs[i:i+bs]
         M = region_map(self.generator(self._masked(feats, masks, idx)), self.cfg.eps).cpu()
@@ -253,6 +261,7 @@ def generate(self:MultiMiner, feats, masks, objects, bs):
         sel = (objects[:, 0][:, None] == idx[None]).any(1)
         o = objects[sel]
         maps[sel], probs[sel] = M[row[o[:, 0]], o[:, 1]], p[row[o[:, 0]], o[:, 1]]
+    if several: all_sum(maps), all_sum(probs)           # each row was filled by exactly one rank: the sum is a copy
     return maps, probs
 
 # %% ../nbs/05_mining.ipynb #d91cc651
@@ -284,6 +293,7 @@ def step(self:MultiMiner, bank, labels, progress=False):
     before = pool_r[which] < c.region_threshold                            # mined so far, at this resolution
     new_area = ((maps < c.region_threshold) & ~before).flatten(1).sum(1).float()
     reason = stop_decisions(probs, new_area, before.flatten(1).sum(1).float(), t, c.stop_threshold, c.min_region)
+    broadcast_(reason)                                     # every rank takes rank 0's decisions (a no-op in one process)
     is_active = st.active[which]
     store = is_active & (reason == 0)
     stored, stopped = which[store], which[is_active & (reason > 0)]
@@ -306,7 +316,7 @@ def step(self:MultiMiner, bank, labels, progress=False):
                mean_prob_active=float(probs[is_active].mean()) if is_active.any() else float('nan'),
                seconds=time.time() - t0)
     st.history.append(rec)
-    if progress:
+    if progress and is_main():
         print(f"step {t} @{r}px: modulator loss {m_loss:.3f} | generator L_g {g['loss']:.3f} (L_cls {g['cls']:.3f}, "
               f"L_reg {g['reg']:.3f}) | stored {len(stored)}/{len(act)} active objects, stopped {rec['not_recognised']} "
               f"not recognised + {rec['nothing_mined']} nothing mined | {rec['seconds']:.1f}s", flush=True)
@@ -340,14 +350,14 @@ def run(self:MultiMiner, bank, labels, out_dir=None, resume:bool=False, progress
     ckpt = None if out_dir is None else Path(out_dir)/'mining_state.pt'
     if resume and ckpt is not None and ckpt.exists():
         self.load(ckpt)
-        if progress: print(f"resumed from {ckpt} after step {self.state.t}")
+        if progress and is_main(): print(f"resumed from {ckpt} after step {self.state.t}")
     else: self.state = self.init_state(bank, labels)
     while self.state.t < self.cfg.max_steps and self.state.active.any():
         self.step(bank, labels, progress)
         if callback is not None: callback(self)   # before saving: what it adds to the step's record is kept
-        if ckpt is not None: self.save(ckpt)
+        if ckpt is not None and is_main(): self.save(ckpt)   # one writer; every rank holds the same state
     res = self.result(len(labels), labels.shape[1])
-    if progress:
+    if progress and is_main():
         hist = dict(zip(*[v.tolist() for v in res.steps.unique(return_counts=True)]))
         print(f"mining finished after {self.state.t} steps; objects per number of steps: {hist}; why they stopped: {res.stop_reasons()}")
     return res

@@ -20,6 +20,8 @@ from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import SmallExtractor, count_parameters, imagenet_state_dict, load_checkpoint
+from .distributed import (ShardedBatchSampler, all_sum, barrier, ddp, global_batchnorm, global_mean, is_main,
+                                    world_size)
 from .metrics import confusion_matrix, miou
 
 # %% ../nbs/08_segmentation.ipynb #45bcdebf
@@ -330,7 +332,7 @@ def _seg_loss(logits, target, ignore_index):
 # %% ../nbs/08_segmentation.ipynb #438099a3
 def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir=None, resume=False,
                        progress=True, model=None, callback=None) -> nn.Module:
-    "Train `cfg.model` on (image, pseudo mask) pairs; checkpoints to `out_dir` each epoch; returns the model (eval mode)."
+    "Train `cfg.model` on (image, pseudo mask) pairs; checkpoints to `out_dir` each epoch; returns the model (eval mode). Under `torchrun`: DistributedDataParallel, each rank on its share of every batch."
     from multiminer.features import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     device = torch.device(device)
     pairs = _Pairs(images, masks)
@@ -359,15 +361,17 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
             model.load_state_dict(ckpt['model']); opt.load_state_dict(ckpt['optimizer'])
             scaler.load_state_dict(ckpt['scaler']); _set_rng_state(ckpt['rng'], device)
             start, history = ckpt['epoch'], ckpt['history']
-            if progress: print(f"resuming from {ckpt_path} after epoch {start}/{cfg.epochs}")
-        elif resume and progress: print(f"no checkpoint in {out_dir}; starting from scratch")
+            if progress and is_main(): print(f"resuming from {ckpt_path} after epoch {start}/{cfg.epochs}")
+        elif resume and progress and is_main(): print(f"no checkpoint in {out_dir}; starting from scratch")
+        if world_size() > 1: global_batchnorm(model)   # batch statistics of the whole batch (14_distributed)
+        net, progress = ddp(model), progress and is_main()
         for epoch in range(start, cfg.epochs):
             t0, model = time.time(), model.train()
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             order = torch.randperm(len(pairs), generator=g).tolist()
-            loader = torch.utils.data.DataLoader(_Augmented(pairs, cfg, epoch), batch_size=bs, sampler=order,
-                                                 drop_last=True, num_workers=cfg.num_workers, generator=g,
-                                                 pin_memory=device.type == 'cuda')
+            batches = ShardedBatchSampler(torch.utils.data.BatchSampler(order, bs, drop_last=True))   # each rank: its share
+            loader = torch.utils.data.DataLoader(_Augmented(pairs, cfg, epoch), batch_sampler=batches,
+                                                 num_workers=cfg.num_workers, generator=g, pin_memory=device.type == 'cuda')
             run_loss = 0.
             for j, (x, y) in enumerate(progress_bar(loader, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
                                                     leave=False, unit='batch')):
@@ -375,24 +379,26 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
                 for grp in opt.param_groups: grp['lr'] = poly_lr(cfg.lr, it, total, cfg.poly_power) * grp['lr_mult']
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    loss = _seg_loss(model(x), y, cfg.ignore_index)
+                    loss = global_mean(_seg_loss(net(x), y, cfg.ignore_index), int((y != cfg.ignore_index).sum()))
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt); scaler.update()
-                run_loss += loss.item()
+                run_loss += loss.item() / world_size()
+            run_loss = all_sum((run_loss,))[0]            # the batches' losses, over the ranks
             info = dict(epoch=epoch + 1, iteration=(epoch + 1) * per_epoch, loss=run_loss / max(per_epoch, 1),
                         seconds=round(time.time() - t0, 2))
             history.append(info)
             if progress: print(f"epoch {epoch + 1}/{cfg.epochs}  loss {info['loss']:.4f}  ({info['seconds']:.1f} s)")
-            if out_dir is not None:
+            if out_dir is not None and is_main():
                 _atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                                   epoch=epoch + 1, iteration=info['iteration'], rng=_rng_state(device),
                                   history=history, config=cfg.to_dict()), ckpt_path)
             if callback is not None: callback(info)
-        if out_dir is not None:
+        if out_dir is not None and is_main():
             _atomic_save(dict(model=model.state_dict(), config=cfg.to_dict(), history=history), out_dir/'model.pt')
             tmp = out_dir/'history.json.tmp'; tmp.write_text(json.dumps(history, indent=1))
             os.replace(tmp, out_dir/'history.json')
+        barrier()   # no rank goes on before rank 0 has written the model
     model.history = history
     return model.eval()
 
