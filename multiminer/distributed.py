@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['world_size', 'rank', 'is_main', 'launched', 'init_distributed', 'barrier', 'shard', 'all_sum', 'broadcast_',
            'global_mean', 'ShardedBatchSampler', 'ddp', 'unwrap', 'GlobalBatchNorm2d', 'global_batchnorm',
-           'gather_rows', 'tiny_chain', 'compare_chains', 'main']
+           'gather_rows', 'tiny_chain', 'compare_chains', 'main', 'count_flops', 'paper_costs', 'cost_table']
 
 # %% ../nbs/14_distributed.ipynb #d10d57ec
 import argparse, math, os
@@ -201,3 +201,48 @@ def main(argv=None):
 # %% ../nbs/14_distributed.ipynb #4dfe023d
 #| eval: false
 if __name__ == '__main__': main()
+
+# %% ../nbs/14_distributed.ipynb #914418a3
+def count_flops(net:nn.Module, shape, backward:bool=False) -> int:
+    "FLOPs of `net` on one input of `shape` (forward, or forward + backward), counted on the meta device: shapes only, nothing computed."
+    from torch.utils.flop_counter import FlopCounterMode
+    net = net.to('meta')
+    x = torch.empty(shape, device='meta', requires_grad=backward)
+    with FlopCounterMode(display=False) as fc:
+        y = net(x)
+        if backward: y.float().sum().backward()
+    return int(fc.get_total_flops())
+
+# %% ../nbs/14_distributed.ipynb #a5d4803e
+def paper_costs(n_train:int=10_582, n_val:int=1_449, n_steps:int=7, val_shape=(375, 500)) -> dict:
+    "PFLOP of each stage at the paper's settings (Sec. 4.1), counted with `count_flops`."
+    from multiminer.classifier import ClassifierConfig
+    from multiminer.mining import MiningConfig
+    from multiminer.segmentation import SegConfig
+    from multiminer.models import VGG16Extractor, ParallelModulator, CategoryAwareGenerator
+    from multiminer.segmentation import DeepLabLargeFOV
+    cc, mc, sc = ClassifierConfig.voc(), MiningConfig.voc(), SegConfig.voc()
+    with torch.device('meta'):
+        ext = VGG16Extractor()
+        mod, gen = ParallelModulator(512, 20, cc.modulator_width), CategoryAwareGenerator(512, 20, cc.modulator_width)
+        seg = DeepLabLargeFOV(21)
+    img = lambda s: (1, 3, s, s)
+    feat = lambda s: (1, 512, math.ceil(s / ext.stride), math.ceil(s / ext.stride))
+    clf = nn.Sequential(ext, mod)
+    out = {'train-classifier': cc.epochs * n_train * count_flops(clf, img(cc.input_size), backward=True),
+           'mine: features': n_train * sum(count_flops(ext, img(s)) for s in mc.scales)}
+    for t in range(1, n_steps + 1):
+        f = feat(mc.scale(t))
+        mod_fb, mod_f = count_flops(mod, f, backward=True), count_flops(mod, f)
+        gen_fb, gen_f = count_flops(gen, f, backward=True), count_flops(gen, f)
+        out[f'mine: step {t} @{mc.scale(t)}'] = n_train * (mc.n_m * mod_fb + mc.n_g * (gen_fb + 2 * mod_f) + gen_f + mod_f)
+    out['train-seg'] = sc.epochs * n_train * count_flops(seg, img(sc.crop_size), backward=True)
+    out['evaluate'] = n_val * count_flops(seg, (1, 3) + tuple(val_shape))
+    return {k: v / 1e15 for k, v in out.items()}
+
+# %% ../nbs/14_distributed.ipynb #6fe14b98
+def cost_table(costs:dict, tflops_per_gpu:float=100., gpus=(1, 8)) -> list:
+    "Rows (stage, PFLOP, hours on each number of GPUs) at an assumed sustained rate and perfect scaling: an estimate."
+    rows = [(k, v, *[v * 1e15 / (tflops_per_gpu * 1e12 * g) / 3600 for g in gpus]) for k, v in costs.items()]
+    total = sum(v for v in costs.values())
+    return rows + [('total', total, *[total * 1e15 / (tflops_per_gpu * 1e12 * g) / 3600 for g in gpus])]
