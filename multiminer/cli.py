@@ -652,6 +652,40 @@ def _mining_bar(args, cfg):
                   file=sys.stderr)
     return bar, callback
 
+def _on_classifier(args, stage, config, resume=False):
+    "What `mine` and `erase` check before any work: the --classifier folder, --out, the data, the input size; then the data set and its run record."
+    import types
+    from dataclasses import asdict
+    from multiminer.classifier import CHECKPOINT_NAME
+    _check_device(args.device)
+    clf_dir = _need(args.classifier, CHECKPOINT_NAME, 'train-classifier')
+    up, hashes = require_upstream(clf_dir, 'train-classifier', '--classifier')
+    out = Path(args.out)
+    state = prepare_out(out, stage, resume, args.force, [('--classifier', clf_dir)])
+    spec, preset, seed, input_size = resolve_data(args, up)
+    if preset == 'synthetic' and input_size is None: input_size = SYNTHETIC_DEFAULTS['image_size']
+    if input_size != up.get('input_size'):
+        raise CLIError(f"the classifier in {clf_dir} was trained on {up.get('input_size') or 'the VOC preset'}"
+                       f"{' px' if up.get('input_size') else ''} inputs, not {input_size or 'the VOC preset'}"
+                       f"{' px' if input_size else ''}: {stage} with the input size (and --preset) it was trained with")
+    cfg = config(preset, spec, input_size, seed)
+    ds, fp = _dataset(spec)
+    check_same_data(up, spec, fp, '--classifier', clf_dir)
+    now = dict(config=asdict(cfg), data_fingerprint=fp, inputs=dict(classifier=dict(folder=_abs(clf_dir), files=hashes)))
+    return types.SimpleNamespace(clf_dir=clf_dir, hashes=hashes, out=out, state=state, spec=spec, preset=preset, seed=seed,
+                                 input_size=input_size, cfg=cfg, ds=ds, fp=fp, now=now)
+
+def _frozen_classifier(args, r):
+    "The classifier of `r` (an `_on_classifier` record) loaded (a damaged or crafted file named, nothing run), checked and frozen; the images, labels and ids to mine."
+    from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
+    _load_ck(r.clf_dir/CHECKPOINT_NAME, 'train-classifier')
+    clf = load_classifier(r.clf_dir, device=args.device)
+    if clf.n_classes != r.ds.n_classes:
+        raise CLIError(f"the classifier in {r.clf_dir} has {clf.n_classes} classes but the data has {r.ds.n_classes}")
+    images, labels = _mining_inputs(args, r.spec, r.ds)
+    freeze(clf)
+    return clf, images, labels, _names(r.spec, len(labels), r.ds)
+
 def _check_fig6_flags(out, flags):
     "Refuse to --resume with other --by-steps / --snapshots than the run was started with: its first steps would lack them."
     then = read_run(out)
@@ -663,48 +697,31 @@ def _check_fig6_flags(out, flags):
 def cmd_mine(args, argv=()):
     "`multiminer mine`: Algorithm 1 (mining.MultiMiner) on the features of a trained classifier."
     import torch
-    from dataclasses import asdict, replace
-    from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
+    from dataclasses import replace
+    from multiminer.classifier import CHECKPOINT_NAME
     from multiminer.mining import MiningConfig, MultiMiner
-    _check_device(args.device)
-    clf_dir = _need(args.classifier, CHECKPOINT_NAME, 'train-classifier')
-    up, hashes = require_upstream(clf_dir, 'train-classifier', '--classifier')
-    out = Path(args.out)
-    state = prepare_out(out, 'mine', args.resume, args.force, [('--classifier', clf_dir)])
-    spec, preset, seed, input_size = resolve_data(args, up)
-    if preset == 'synthetic' and input_size is None: input_size = SYNTHETIC_DEFAULTS['image_size']
-    if input_size != up.get('input_size'):
-        raise CLIError(f"the classifier in {clf_dir} was trained on {up.get('input_size') or 'the VOC preset'}"
-                       f"{' px' if up.get('input_size') else ''} inputs, not {input_size or 'the VOC preset'}"
-                       f"{' px' if input_size else ''}: mine with the input size (and --preset) it was trained with")
-    over = _over(max_steps=args.max_steps, seed=seed)
-    cfg = MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
-    ds, fp = _dataset(spec)
-    check_same_data(up, spec, fp, '--classifier', clf_dir)
-    now = dict(config=asdict(cfg), data_fingerprint=fp, inputs=dict(classifier=dict(folder=_abs(clf_dir), files=hashes)))
+    def config(preset, spec, input_size, seed):
+        over = _over(max_steps=args.max_steps, seed=seed)
+        return MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
+    r = _on_classifier(args, 'mine', config, resume=args.resume)
+    out, spec, preset, seed, input_size, cfg, ds, fp, now = r.out, r.spec, r.preset, r.seed, r.input_size, r.cfg, r.ds, r.fp, r.now
     flags = dict(by_steps=args.by_steps, snapshots=args.snapshots)
-    if state != 'new':
+    if r.state != 'new':
         check_resume(out, dict(now, input_size=input_size), ignore=('max_steps',))
         _check_fig6_flags(out, flags)
         if (out/'mining_state.pt').is_file(): _load_ck(out/'mining_state.pt', 'mine')
-    _load_ck(clf_dir/CHECKPOINT_NAME, 'train-classifier')     # a damaged or crafted file is named, nothing run
-    clf = load_classifier(clf_dir, device=args.device)
-    if clf.n_classes != (ds.n_classes):
-        raise CLIError(f"the classifier in {clf_dir} has {clf.n_classes} classes but the data has {ds.n_classes}")
-    images, labels = _mining_inputs(args, spec, ds)
-    names = _names(spec, len(labels), ds)
-    freeze(clf)
+    clf, images, labels, names = _frozen_classifier(args, r)
     write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=False, **now, **flags)
     _say(args, f"mine: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: scales "
          f"{cfg.scales}, batches {cfg.batch_sizes}, at most {cfg.max_steps} steps, on {args.device}")
     t0 = time.time()
-    key = dict(classifier_sha256=hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
+    key = dict(classifier_sha256=r.hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
     bank = _feature_bank(clf, images, cfg, out/'features' if spec['kind'] == 'voc' else None, key, args.device,
                          not args.quiet)
     bar, show = _mining_bar(args, cfg)
     fig6 = _fig6_hook(args, out, labels, (lambda i: _voc_mask(ds, i)) if spec['kind'] == 'voc' else (lambda i: ds.masks[i]))
     with bar:
-        result = MultiMiner(clf.modulator, cfg, device=args.device).run(bank, labels, out_dir=out, resume=state != 'new',
+        result = MultiMiner(clf.modulator, cfg, device=args.device).run(bank, labels, out_dir=out, resume=r.state != 'new',
                                                                         progress=False, callback=lambda m: (fig6(m), show(m)))
     save_mining_result(result, out/'mining_result.pt', labels, names, spec)
     hist = {int(k): int(v) for k, v in zip(*torch.unique(result.steps, return_counts=True))}
@@ -739,38 +756,18 @@ def _erasing_config(preset, spec, input_size, seed, steps):
 def cmd_erase(args, argv=()):
     "`multiminer erase`: fixed-step erasing (baselines.fixed_erasing) on a trained classifier's features; a `mine`-style result."
     import torch, types
-    from dataclasses import asdict
     from multiminer.baselines import fixed_erasing
-    from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
+    from multiminer.classifier import CHECKPOINT_NAME
     from multiminer.mining import MiningResult, object_index
     from multiminer.demo import DemoSettings
-    _check_device(args.device)
-    clf_dir = _need(args.classifier, CHECKPOINT_NAME, 'train-classifier')
-    up, hashes = require_upstream(clf_dir, 'train-classifier', '--classifier')
-    out = Path(args.out)
-    prepare_out(out, 'erase', False, args.force, [('--classifier', clf_dir)])
-    spec, preset, seed, input_size = resolve_data(args, up)
-    if preset == 'synthetic' and input_size is None: input_size = SYNTHETIC_DEFAULTS['image_size']
-    if input_size != up.get('input_size'):
-        raise CLIError(f"the classifier in {clf_dir} was trained on {up.get('input_size') or 'the VOC preset'}"
-                       f"{' px' if up.get('input_size') else ''} inputs, not {input_size or 'the VOC preset'}"
-                       f"{' px' if input_size else ''}: erase with the input size (and --preset) it was trained with")
-    cfg = _erasing_config(preset, spec, input_size, seed, args.steps)
-    ds, fp = _dataset(spec)
-    check_same_data(up, spec, fp, '--classifier', clf_dir)
-    now = dict(config=asdict(cfg), data_fingerprint=fp, inputs=dict(classifier=dict(folder=_abs(clf_dir), files=hashes)))
-    _load_ck(clf_dir/CHECKPOINT_NAME, 'train-classifier')
-    clf = load_classifier(clf_dir, device=args.device)
-    if clf.n_classes != ds.n_classes:
-        raise CLIError(f"the classifier in {clf_dir} has {clf.n_classes} classes but the data has {ds.n_classes}")
-    images, labels = _mining_inputs(args, spec, ds)
-    names = _names(spec, len(labels), ds)
-    freeze(clf)
+    r = _on_classifier(args, 'erase', lambda preset, spec, size, seed: _erasing_config(preset, spec, size, seed, args.steps))
+    out, spec, preset, seed, input_size, cfg, fp, now = r.out, r.spec, r.preset, r.seed, r.input_size, r.cfg, r.fp, r.now
+    clf, images, labels, names = _frozen_classifier(args, r)
     write_run(out, 'erase', argv, preset, spec, input_size, seed=seed, finished=False, **now)
     _say(args, f"erase: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: {cfg.steps} steps "
          f"on the scales {cfg.scales}, on {args.device}")
     t0 = time.time()
-    key = dict(classifier_sha256=hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
+    key = dict(classifier_sha256=r.hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
     bank = _feature_bank(clf, images, types.SimpleNamespace(scales=cfg.scales, half_features=preset == 'voc'),
                          out/'features' if spec['kind'] == 'voc' else None, key, args.device, not args.quiet)
     er = fixed_erasing(clf.modulator, bank, labels, cfg, device=args.device, progress=not args.quiet)
