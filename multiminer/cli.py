@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'DATA_KINDS', 'SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'N_VAL_SYNTHETIC', 'RUN_FILE', 'VOC_TEST_RESULTS',
-           'SEED_MAX', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'MULTI_SCALES', 'CLIError', 'build_parser',
-           'read_run', 'write_json', 'write_run', 'available_memory', 'synthetic_bytes', 'demo_settings',
-           'resolve_data', 'file_sha256', 'tree_sha256', 'output_sha256', 'data_fingerprint', 'require_upstream',
-           'check_same_data', 'prepare_out', 'check_resume', 'VOCImages', 'cmd_demo', 'cmd_table2', 'cmd_fig6',
-           'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_erase',
-           'cmd_pseudo_labels', 'PseudoMaskDataset', 'cmd_train_seg', 'VOCTestImages', 'cmd_evaluate', 'main']
+           'SEED_MAX', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'SNAPSHOTS', 'MULTI_SCALES', 'CLIError',
+           'build_parser', 'read_run', 'write_json', 'write_run', 'available_memory', 'synthetic_bytes',
+           'demo_settings', 'resolve_data', 'file_sha256', 'tree_sha256', 'output_sha256', 'data_fingerprint',
+           'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'VOCImages', 'cmd_demo', 'cmd_table2',
+           'cmd_fig6', 'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_erase',
+           'cmd_pseudo_labels', 'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou', 'PseudoMaskDataset',
+           'cmd_train_seg', 'VOCTestImages', 'cmd_evaluate', 'main']
 
 # %% ../nbs/11_cli.ipynb #3314d257
 import argparse, hashlib, json, os, re, shutil, sys, time
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument('--resume', action='store_true', help="continue from mining_state.pt in --out")
     m.add_argument('--force', action='store_true', help="replace the run in --out instead of refusing it")
     m.add_argument('--max-steps', type=_int_at_least(1), metavar='N', help="cap on the mining steps (default: the preset's)")
+    m.add_argument('--by-steps', action='store_true', help="Fig. 6, pseudo-mask version: after every step T, the mIoU of "
+                   "the pseudo masks of steps 1..T merged (threshold cue, no CRF) against the training masks; "
+                   "summary.json's miou_by_steps, fig_miou_by_steps.png")
+    m.add_argument('--snapshots', action='store_true', help="Fig. 6, segmentation version: after every step T, save the "
+                   "pool of steps 1..T merged (snapshots/step_<T>.pt, uint8) for `pseudo-labels --steps T`")
 
     r = add('erase', [data, run], "Baseline: fixed-step erasing (every object erased for the same number of steps) on "
             "the frozen classifier's features, for comparison with `mine`; `pseudo-labels --mining` reads its folder.",
@@ -176,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--out', required=True, metavar='DIR', help="output folder (masks/*.png for VOC, "
                    "pseudo_masks.pt for synthetic data, summary.json)")
     q.add_argument('--force', action='store_true', help="replace the pseudo masks in --out instead of refusing them")
+    q.add_argument('--steps', type=_int_at_least(1), metavar='T', help="merge only the first T mining steps (Fig. 6; "
+                   "needs a `mine --snapshots` folder; default: every step that was run)")
     q.add_argument('--bg-threshold', type=_fraction, metavar='T', help="background where the strongest present class's "
                    "strength is below this (default: 1 - the mining run's region_threshold, the same 'mined' as its stop rule; the demo's CRF value with --crf)")
     q.add_argument('--saliency', metavar='DIR', help="background cues: one grey-scale PNG per image, "
@@ -363,7 +371,8 @@ def _differences(then: dict, now: dict, ignore=()) -> list:
     return out
 
 # %% ../nbs/11_cli.ipynb #83609035
-STAGE_FILES = {'train-classifier': ('classifier.pt',), 'mine': ('mining_result.pt', 'mining_state.pt', 'summary.json'),
+STAGE_FILES = {'train-classifier': ('classifier.pt',),
+               'mine': ('mining_result.pt', 'mining_state.pt', 'summary.json', 'snapshots', 'fig_miou_by_steps.png'),
                'erase': ('mining_result.pt', 'summary.json'),
                'pseudo-labels': ('pseudo_masks.pt', 'masks', 'masks.partial', 'summary.json'),
                'train-seg': ('model.pt', 'checkpoint.pt', 'history.json'), 'evaluate': ()}
@@ -638,61 +647,97 @@ def _mining_bar(args, cfg):
         bar.n = miner.state.t; bar.refresh()
         bar.write(f"step {r['step']} @{r['scale']}px: modulator loss {r['modulator_loss']:.3f}, generator L_g "
                   f"{r['generator_loss']:.3f}; stored {r['stored']}/{r['active_before']} active objects, stopped "
-                  f"{r['not_recognised']} not recognised + {r['nothing_mined']} nothing mined ({r['seconds']:.1f}s)",
+                  f"{r['not_recognised']} not recognised + {r['nothing_mined']} nothing mined ({r['seconds']:.1f}s)"
+                  + (f"; pseudo-mask mIoU of steps 1..{r['step']} merged {r['miou_merged']:.1f}" if 'miou_merged' in r else ''),
                   file=sys.stderr)
     return bar, callback
 
-def cmd_mine(args, argv=()):
-    "`multiminer mine`: Algorithm 1 (mining.MultiMiner) on the features of a trained classifier."
-    import torch
-    from dataclasses import asdict, replace
-    from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
-    from multiminer.mining import MiningConfig, MultiMiner
+def _on_classifier(args, stage, config, resume=False):
+    "What `mine` and `erase` check before any work: the --classifier folder, --out, the data, the input size; then the data set and its run record."
+    import types
+    from dataclasses import asdict
+    from multiminer.classifier import CHECKPOINT_NAME
     _check_device(args.device)
     clf_dir = _need(args.classifier, CHECKPOINT_NAME, 'train-classifier')
     up, hashes = require_upstream(clf_dir, 'train-classifier', '--classifier')
     out = Path(args.out)
-    state = prepare_out(out, 'mine', args.resume, args.force, [('--classifier', clf_dir)])
+    state = prepare_out(out, stage, resume, args.force, [('--classifier', clf_dir)])
     spec, preset, seed, input_size = resolve_data(args, up)
     if preset == 'synthetic' and input_size is None: input_size = SYNTHETIC_DEFAULTS['image_size']
     if input_size != up.get('input_size'):
         raise CLIError(f"the classifier in {clf_dir} was trained on {up.get('input_size') or 'the VOC preset'}"
                        f"{' px' if up.get('input_size') else ''} inputs, not {input_size or 'the VOC preset'}"
-                       f"{' px' if input_size else ''}: mine with the input size (and --preset) it was trained with")
-    over = _over(max_steps=args.max_steps, seed=seed)
-    cfg = MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
+                       f"{' px' if input_size else ''}: {stage} with the input size (and --preset) it was trained with")
+    cfg = config(preset, spec, input_size, seed)
     ds, fp = _dataset(spec)
     check_same_data(up, spec, fp, '--classifier', clf_dir)
     now = dict(config=asdict(cfg), data_fingerprint=fp, inputs=dict(classifier=dict(folder=_abs(clf_dir), files=hashes)))
-    if state != 'new':
-        check_resume(out, dict(now, input_size=input_size), ignore=('max_steps',))
-        if (out/'mining_state.pt').is_file(): _load_ck(out/'mining_state.pt', 'mine')
-    _load_ck(clf_dir/CHECKPOINT_NAME, 'train-classifier')     # a damaged or crafted file is named, nothing run
-    clf = load_classifier(clf_dir, device=args.device)
-    if clf.n_classes != (ds.n_classes):
-        raise CLIError(f"the classifier in {clf_dir} has {clf.n_classes} classes but the data has {ds.n_classes}")
-    images, labels = _mining_inputs(args, spec, ds)
-    names = _names(spec, len(labels), ds)
+    return types.SimpleNamespace(clf_dir=clf_dir, hashes=hashes, out=out, state=state, spec=spec, preset=preset, seed=seed,
+                                 input_size=input_size, cfg=cfg, ds=ds, fp=fp, now=now)
+
+def _frozen_classifier(args, r):
+    "The classifier of `r` (an `_on_classifier` record) loaded (a damaged or crafted file named, nothing run), checked and frozen; the images, labels and ids to mine."
+    from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
+    _load_ck(r.clf_dir/CHECKPOINT_NAME, 'train-classifier')
+    clf = load_classifier(r.clf_dir, device=args.device)
+    if clf.n_classes != r.ds.n_classes:
+        raise CLIError(f"the classifier in {r.clf_dir} has {clf.n_classes} classes but the data has {r.ds.n_classes}")
+    images, labels = _mining_inputs(args, r.spec, r.ds)
     freeze(clf)
-    write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=False, **now)
+    return clf, images, labels, _names(r.spec, len(labels), r.ds)
+
+def _check_fig6_flags(out, flags):
+    "Refuse to --resume with other --by-steps / --snapshots than the run was started with: its first steps would lack them."
+    then = read_run(out)
+    given = lambda v: 'given' if v else 'not given'
+    diff = [f"--{k.replace('_', '-')} {given(then.get(k))} then, {given(v)} now" for k, v in flags.items() if bool(then.get(k)) != v]
+    if diff: raise CLIError(f"cannot --resume {out} with other Fig. 6 options ({'; '.join(diff)}): the steps it already ran "
+                            f"would have no score or snapshot; resume with the same options, or pass --force to start afresh")
+
+def cmd_mine(args, argv=()):
+    "`multiminer mine`: Algorithm 1 (mining.MultiMiner) on the features of a trained classifier."
+    import torch
+    from dataclasses import replace
+    from multiminer.classifier import CHECKPOINT_NAME
+    from multiminer.mining import MiningConfig, MultiMiner
+    def config(preset, spec, input_size, seed):
+        over = _over(max_steps=args.max_steps, seed=seed)
+        return MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
+    r = _on_classifier(args, 'mine', config, resume=args.resume)
+    out, spec, preset, seed, input_size, cfg, ds, fp, now = r.out, r.spec, r.preset, r.seed, r.input_size, r.cfg, r.ds, r.fp, r.now
+    flags = dict(by_steps=args.by_steps, snapshots=args.snapshots)
+    if r.state != 'new':
+        check_resume(out, dict(now, input_size=input_size), ignore=('max_steps',))
+        _check_fig6_flags(out, flags)
+        if (out/'mining_state.pt').is_file(): _load_ck(out/'mining_state.pt', 'mine')
+    clf, images, labels, names = _frozen_classifier(args, r)
+    write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=False, **now, **flags)
     _say(args, f"mine: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: scales "
          f"{cfg.scales}, batches {cfg.batch_sizes}, at most {cfg.max_steps} steps, on {args.device}")
     t0 = time.time()
-    key = dict(classifier_sha256=hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
+    key = dict(classifier_sha256=r.hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
     bank = _feature_bank(clf, images, cfg, out/'features' if spec['kind'] == 'voc' else None, key, args.device,
                          not args.quiet)
-    bar, callback = _mining_bar(args, cfg)
+    bar, show = _mining_bar(args, cfg)
+    fig6 = _fig6_hook(args, out, labels, (lambda i: _voc_mask(ds, i)) if spec['kind'] == 'voc' else (lambda i: ds.masks[i]))
     with bar:
-        result = MultiMiner(clf.modulator, cfg, device=args.device).run(bank, labels, out_dir=out, resume=state != 'new',
-                                                                        progress=False, callback=callback)
+        result = MultiMiner(clf.modulator, cfg, device=args.device).run(bank, labels, out_dir=out, resume=r.state != 'new',
+                                                                        progress=False, callback=lambda m: (fig6(m), show(m)))
     save_mining_result(result, out/'mining_result.pt', labels, names, spec)
     hist = {int(k): int(v) for k, v in zip(*torch.unique(result.steps, return_counts=True))}
     summary = dict(n_images=len(labels), n_objects=len(result.objects), steps_run=len(result.history),
                    steps_histogram=hist, stop_reasons=result.stop_reasons(), history=result.history,
                    seconds=round(time.time() - t0, 1))
+    outputs = {'mining_result.pt': file_sha256(out/'mining_result.pt')}
+    if args.by_steps: _write_miou_by_steps(out, result, summary)
+    if args.snapshots:
+        for t in range(1, len(result.history) + 1):
+            p = snapshot_path(out, t)
+            if not p.is_file(): raise CLIError(f"{p} is missing: run `multiminer mine --snapshots --force --out {out}` again")
+            outputs[f"{SNAPSHOTS}/{p.name}"] = file_sha256(p)
     write_json(out/'summary.json', summary)
-    write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=True, **now,
-              outputs={'mining_result.pt': file_sha256(out/'mining_result.pt')})
+    write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=True, **now, **flags,
+              steps_run=len(result.history), outputs=outputs)
     print(f"mining: {_plural(len(result.history), 'step')}, objects per number of steps {hist}  ({out/'mining_result.pt'})")
     return result
 
@@ -711,38 +756,18 @@ def _erasing_config(preset, spec, input_size, seed, steps):
 def cmd_erase(args, argv=()):
     "`multiminer erase`: fixed-step erasing (baselines.fixed_erasing) on a trained classifier's features; a `mine`-style result."
     import torch, types
-    from dataclasses import asdict
     from multiminer.baselines import fixed_erasing
-    from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
+    from multiminer.classifier import CHECKPOINT_NAME
     from multiminer.mining import MiningResult, object_index
     from multiminer.demo import DemoSettings
-    _check_device(args.device)
-    clf_dir = _need(args.classifier, CHECKPOINT_NAME, 'train-classifier')
-    up, hashes = require_upstream(clf_dir, 'train-classifier', '--classifier')
-    out = Path(args.out)
-    prepare_out(out, 'erase', False, args.force, [('--classifier', clf_dir)])
-    spec, preset, seed, input_size = resolve_data(args, up)
-    if preset == 'synthetic' and input_size is None: input_size = SYNTHETIC_DEFAULTS['image_size']
-    if input_size != up.get('input_size'):
-        raise CLIError(f"the classifier in {clf_dir} was trained on {up.get('input_size') or 'the VOC preset'}"
-                       f"{' px' if up.get('input_size') else ''} inputs, not {input_size or 'the VOC preset'}"
-                       f"{' px' if input_size else ''}: erase with the input size (and --preset) it was trained with")
-    cfg = _erasing_config(preset, spec, input_size, seed, args.steps)
-    ds, fp = _dataset(spec)
-    check_same_data(up, spec, fp, '--classifier', clf_dir)
-    now = dict(config=asdict(cfg), data_fingerprint=fp, inputs=dict(classifier=dict(folder=_abs(clf_dir), files=hashes)))
-    _load_ck(clf_dir/CHECKPOINT_NAME, 'train-classifier')
-    clf = load_classifier(clf_dir, device=args.device)
-    if clf.n_classes != ds.n_classes:
-        raise CLIError(f"the classifier in {clf_dir} has {clf.n_classes} classes but the data has {ds.n_classes}")
-    images, labels = _mining_inputs(args, spec, ds)
-    names = _names(spec, len(labels), ds)
-    freeze(clf)
+    r = _on_classifier(args, 'erase', lambda preset, spec, size, seed: _erasing_config(preset, spec, size, seed, args.steps))
+    out, spec, preset, seed, input_size, cfg, fp, now = r.out, r.spec, r.preset, r.seed, r.input_size, r.cfg, r.fp, r.now
+    clf, images, labels, names = _frozen_classifier(args, r)
     write_run(out, 'erase', argv, preset, spec, input_size, seed=seed, finished=False, **now)
     _say(args, f"erase: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: {cfg.steps} steps "
          f"on the scales {cfg.scales}, on {args.device}")
     t0 = time.time()
-    key = dict(classifier_sha256=hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
+    key = dict(classifier_sha256=r.hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
     bank = _feature_bank(clf, images, types.SimpleNamespace(scales=cfg.scales, half_features=preset == 'voc'),
                          out/'features' if spec['kind'] == 'voc' else None, key, args.device, not args.quiet)
     er = fixed_erasing(clf.modulator, bank, labels, cfg, device=args.device, progress=not args.quiet)
@@ -819,6 +844,7 @@ def cmd_pseudo_labels(args, argv=()):
     from multiminer.data import VOC_CLASSES
     mining = _need(args.mining, 'mining_result.pt', 'mine')
     up, hashes = require_upstream(mining, 'mine', '--mining', also=('erase',))
+    if args.steps is not None: _check_steps(args.steps, up, mining)
     out = Path(args.out)
     prepare_out(out, 'pseudo-labels', False, args.force, [('--mining', mining)] +
                 ([('--saliency', args.saliency)] if args.saliency else []))
@@ -827,6 +853,8 @@ def cmd_pseudo_labels(args, argv=()):
     check_same_data(up, spec, fp, '--mining', mining)
     result, extra = load_mining_result(mining)
     labels, names = extra['labels'], extra['names']
+    steps = len(result.history) if args.steps is None else args.steps      # the first `steps` steps merged (Fig. 6)
+    if steps < len(result.history): result = snapshot_result(result, mining, steps)
     if len(ds) != len(names) or (spec['kind'] == 'voc' and list(ds.names) != list(names)):
         raise CLIError(f"{len(ds)} images under the data options but {len(names)} were mined in {mining}")
     if args.saliency is not None: _check_saliency_folder(args.saliency, names)
@@ -843,11 +871,11 @@ def cmd_pseudo_labels(args, argv=()):
         class_names = ['background'] + ds.class_names
     inputs = dict(mining=dict(folder=_abs(mining), files=hashes))
     if args.saliency: inputs['saliency'] = dict(folder=_abs(args.saliency), files={'*.png': tree_sha256(args.saliency)})
-    now = dict(config=dict(bg_threshold=bg, crf=args.crf, saliency_threshold=args.saliency_threshold),
+    now = dict(config=dict(bg_threshold=bg, crf=args.crf, saliency_threshold=args.saliency_threshold, steps=steps),
                data_fingerprint=fp, inputs=inputs)
     write_run(out, 'pseudo-labels', argv, preset, spec, input_size, seed=seed, finished=False, **now)
     K, N = result.n_classes + 1, len(names)
-    _say(args, f"pseudo-labels: {N} images, background threshold {bg}" + (", dense CRF" if args.crf else "")
+    _say(args, f"pseudo-labels: {N} images, steps 1..{steps} merged, background threshold {bg}" + (", dense CRF" if args.crf else "")
          + (f", saliency from {args.saliency}" if args.saliency else ""))
     gts = []
     def jobs():
@@ -878,13 +906,82 @@ def cmd_pseudo_labels(args, argv=()):
     summary = dict(miou=round(score, 2), iou_per_class={c: (None if v != v else round(float(v) * 100, 2))
                                                         for c, v in zip(class_names, ious.tolist())},
                    ignored_percent=round(100 * n_ignored / max(n_px, 1), 2),
-                   bg_threshold=bg, crf=args.crf, saliency=_abs(args.saliency), n_images=N,
+                   bg_threshold=bg, crf=args.crf, saliency=_abs(args.saliency), steps=steps, n_images=N,
                    seconds=round(time.time() - t0, 1))
     write_json(out/'summary.json', summary)
     write_run(out, 'pseudo-labels', argv, preset, spec, input_size, seed=seed, finished=True, **now,
               outputs={written: output_sha256(out/written)}, miou=summary['miou'])
     print(f"pseudo masks of {N} images: mIoU {score:.1f}% against the ground truth  ({out/written})")
     return summary
+
+# %% ../nbs/11_cli.ipynb #d89d42cb
+SNAPSHOTS = 'snapshots'     # mine --snapshots: snapshots/step_<T>.pt, the pool of steps 1..T merged
+
+def snapshot_path(folder, t) -> Path:
+    "Where `mine --snapshots` keeps the pool of the first `t` steps merged."
+    return Path(folder)/SNAPSHOTS/f"step_{t}.pt"
+
+def save_snapshot(miner, folder) -> Path:
+    "The pool after step t = miner.state.t (each object's M_j of steps 1..min(t, T_j) merged) as uint8 (x 255), with T_j so far; atomically."
+    st = miner.state
+    p = snapshot_path(folder, st.t); p.parent.mkdir(parents=True, exist_ok=True)
+    blob = dict(step=int(st.t), merged=(st.pools[-1].clamp(0, 1) * 255).round().to(torch.uint8), steps=st.steps.clone(),
+                objects=st.objects.clone())
+    tmp = p.with_name(p.name + '.tmp'); torch.save(blob, tmp); os.replace(tmp, p)
+    return p
+
+def snapshot_result(result, folder, t):
+    "`result` (a whole mining run, from `folder`) cut to its first `t` steps: the pool of snapshots/step_<t>.pt, T_j counted to step t."
+    import dataclasses
+    p = snapshot_path(folder, t)
+    d = _load_ck(p, 'mine')
+    if d.get('step') != t or not torch.equal(d['objects'], result.objects) or d['merged'].shape != result.merged.shape:
+        raise CLIError(f"{p} is not step {t} of the mining result beside it: run `multiminer mine --snapshots` again")
+    return dataclasses.replace(result, merged=d['merged'].float() / 255, steps=d['steps'], history=result.history[:t],
+                               probs=None if result.probs is None else result.probs[:t], stop_reason=None)
+
+def merged_miou(result, labels, mask_of) -> float:
+    "mIoU (%) of `result`'s pseudo masks (threshold cue at result.bg_threshold, no CRF) against mask_of(i), (H, W), image by image at each mask's size."
+    from multiminer.metrics import confusion_matrix, miou
+    from multiminer.pseudo import SALIENCY_BG
+    K = result.n_classes + 1
+    conf = torch.zeros(K, K, dtype=torch.long)
+    for i in range(result.n_images):
+        gt = mask_of(i)        # without a CRF, _pseudo_one reads only the size (H, W) of its first argument
+        conf += confusion_matrix(_pseudo_one(gt, _image_strength(result, i), labels[i], result.bg_threshold, None,
+                                             SALIENCY_BG, False), gt, K)
+    return miou(conf)
+
+def _fig6_hook(args, out, labels, mask_of):
+    "MultiMiner.run's callback for --by-steps and --snapshots: the mIoU of steps 1..T merged into step T's record; the pool saved."
+    def callback(miner):
+        rec = miner.state.history[-1]
+        if args.by_steps:
+            t0 = time.time()
+            rec['miou_merged'] = merged_miou(miner.result(len(labels), labels.shape[1]), labels, mask_of)
+            rec['scoring_seconds'] = round(time.time() - t0, 2)
+        if args.snapshots: save_snapshot(miner, out)
+    return callback
+
+def _write_miou_by_steps(out, result, summary):
+    "--by-steps: the curve into `summary` (miou_by_steps) and fig_miou_by_steps.png (demo.plot_miou_by_steps), atomically."
+    from multiminer.demo import plot_miou_by_steps
+    curve = [h['miou_merged'] for h in result.history]
+    summary.update(miou_by_steps=curve, miou_by_steps_kind=f"pseudo-mask mIoU (%) of steps 1..T merged against the "
+                   f"training masks: threshold cue (background below {result.bg_threshold:g}), no CRF")
+    tmp = out/'fig_miou_by_steps.tmp.png'
+    plot_miou_by_steps(curve, path=tmp); os.replace(tmp, out/'fig_miou_by_steps.png')
+
+def _check_steps(t, up, folder):
+    "pseudo-labels --steps T: only from a `mine --snapshots` folder, and T at most the steps it ran."
+    if up.get('stage') != 'mine':
+        raise CLIError(f"--steps {t}: {folder} is a `multiminer {up.get('stage')}` folder, which keeps no per-step "
+                       f"snapshots; --steps takes a folder of `multiminer mine --snapshots`")
+    if not up.get('snapshots'):
+        raise CLIError(f"--steps {t}: {folder} was mined without --snapshots, so only the merge of all its steps was kept; "
+                       f"mine again with --snapshots (into a new --out, or with --force)")
+    n = up.get('steps_run') or 0
+    if t > n: raise CLIError(f"--steps {t}: the mining run in {folder} ran {_plural(n, 'step')}; choose T in 1..{n}")
 
 # %% ../nbs/11_cli.ipynb #b1c59e82
 class PseudoMaskDataset(Dataset):

@@ -16,9 +16,12 @@ from PIL import Image
 from multiminer.cli import main, read_run, load_mining_result, file_sha256
 from cli_helpers import run_cli, ok
 from multiminer.classifier import load_classifier
-from multiminer.data import make_voc_fixture, read_mask_file
+from multiminer.data import make_voc_fixture, read_mask_file, voc_dataset
+from multiminer.metrics import confusion_matrix, miou
 from multiminer.models import VGG16Extractor, load_checkpoint
 from multiminer.segmentation import DeepLabLargeFOV, load_segmentation_model
+from multiminer.pseudo import pseudo_masks
+from multiminer.mining import MiningResult
 
 TRAIN, VAL = ['a1', 's1'], ['v1']          # train_aug = VOC train (a1) + SBD-only (s1); val = VOC val
 SIZE = (40, 56)                             # the fixture's image size (H, W)
@@ -44,7 +47,7 @@ def chain(tmp_path_factory):
         ok(name.split()[0], *argv); secs[name] = round(time.time() - t0, 1); t0 = time.time()
     stage('train-classifier', *voc, '--weights', vgg, '--epochs', 1, '--batch-size', 2, '--modulator-width', 16,
           '--out', t/'classifier')
-    stage('mine', '--classifier', t/'classifier', '--out', t/'mining', '--max-steps', 3)
+    stage('mine', '--classifier', t/'classifier', '--out', t/'mining', '--max-steps', 3, '--by-steps', '--snapshots')
     stage('pseudo-labels', '--mining', t/'mining', '--out', t/'pseudo', '--saliency', sal, '--crf')
     stage('erase', '--classifier', t/'classifier', '--out', t/'erasing', '--steps', 2)
     stage('pseudo-labels from erasing', '--mining', t/'erasing', '--out', t/'pseudo-erasing')
@@ -53,7 +56,7 @@ def chain(tmp_path_factory):
     stage('evaluate', '--seg', t/'seg', '--split', 'val', '--crf', '--out', t/'eval')
     stage('evaluate --split test', '--seg', t/'seg', '--split', 'test', '--crf', '--out', t/'eval')
     print('seconds per stage:', secs)
-    return dict(t=t, classes=classes, secs=secs)
+    return dict(t=t, classes=classes, secs=secs, sal=sal)
 
 
 def test_classifier_is_the_papers(chain):
@@ -156,3 +159,60 @@ def test_fixed_step_erasing_on_voc(chain):
     masks = chain['t']/'pseudo-erasing'/'masks'
     assert sorted(p.name for p in masks.iterdir()) == [f'{n}.png' for n in TRAIN]
     assert Image.open(masks/'a1.png').size == SIZE[::-1]
+
+
+def _masks(folder):
+    return {n: read_mask_file(folder/'masks'/f'{n}.png') for n in TRAIN}
+
+
+def test_fig6_by_steps_on_voc(chain):
+    "mine --by-steps: one pseudo-mask mIoU per step; the last is the mIoU of mining_result.pt's masks, recomputed here."
+    d = chain['t']/'mining'
+    summary, rec = json.loads((d/'summary.json').read_text()), read_run(d)
+    n = summary['steps_run']
+    curve = summary['miou_by_steps']
+    assert len(curve) == n == len(summary['history']) == rec['steps_run'] and rec['by_steps'] and rec['snapshots']
+    assert [h['miou_merged'] for h in summary['history']] == curve and all(0 <= v <= 100 for v in curve)
+    result, extra = load_mining_result(d)
+    ds = voc_dataset(chain['t']/'DATA', 'train_aug')
+    conf = 0
+    for i in range(len(TRAIN)):            # each image at its own size, from the dense strengths of mining_result.pt
+        gt = torch.as_tensor(ds.load_mask(i))
+        pm = pseudo_masks(result.strength()[i:i + 1], extra['labels'][i:i + 1], size=tuple(gt.shape),
+                          bg_threshold=result.bg_threshold)[0]
+        conf = conf + confusion_matrix(pm, gt, 21)
+    assert abs(curve[-1] - miou(conf)) < 1e-6
+    assert (d/'fig_miou_by_steps.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # the snapshots: one per step, plain tensors, hashed in run.json; the last one is M^f of mining_result.pt in uint8
+    assert sorted(k for k in rec['outputs'] if k.startswith('snapshots/')) == [f'snapshots/step_{t}.pt' for t in range(1, n + 1)]
+    for t in range(1, n + 1):
+        p = d/'snapshots'/f'step_{t}.pt'
+        assert rec['outputs'][f'snapshots/step_{t}.pt'] == file_sha256(p)
+        snap = load_checkpoint(p)
+        assert snap['step'] == t and snap['merged'].dtype == torch.uint8 and snap['merged'].shape == (2, 53, 53)
+        assert torch.equal(snap['objects'], result.objects) and int(snap['steps'].max()) <= t
+    assert torch.equal(snap['merged'], (result.merged * 255).round().to(torch.uint8)) and torch.equal(snap['steps'], result.steps)
+
+
+def test_fig6_pseudo_labels_steps_on_voc(chain):
+    "pseudo-labels --steps T: T = last is the run without --steps; T = 1 is snapshot 1's masks; refusals exit 2."
+    t, n = chain['t'], read_run(chain['t']/'mining')['steps_run']
+    ok('pseudo-labels', '--mining', t/'mining', '--out', t/'pseudo-last', '--steps', n, '--saliency', chain['sal'], '--crf')
+    a, b = _masks(t/'pseudo'), _masks(t/'pseudo-last')
+    assert all(np.array_equal(a[k], b[k]) for k in TRAIN)
+    assert read_run(t/'pseudo-last')['config']['steps'] == n == read_run(t/'pseudo')['config']['steps']
+    assert json.loads((t/'pseudo-last'/'summary.json').read_text())['steps'] == n
+    ok('pseudo-labels', '--mining', t/'mining', '--out', t/'pseudo-1', '--steps', 1)
+    result, extra = load_mining_result(t/'mining')
+    snap = load_checkpoint(t/'mining'/'snapshots'/'step_1.pt')
+    r1 = MiningResult(objects=snap['objects'], steps=snap['steps'], merged=snap['merged'].float() / 255, n_images=2,
+                      n_classes=20, region_threshold=result.region_threshold)
+    want = pseudo_masks(r1.strength(), extra['labels'], size=SIZE, bg_threshold=r1.bg_threshold)
+    got = _masks(t/'pseudo-1')
+    assert all(np.array_equal(got[k], want[i].numpy()) for i, k in enumerate(TRAIN))
+    assert read_run(t/'pseudo-1')['config']['steps'] == 1
+    code, _, err = run_cli('pseudo-labels', '--mining', t/'mining', '--out', t/'pseudo-x', '--steps', n + 1)
+    assert code == 2 and f'--steps {n + 1}: the mining run in' in err and f'choose T in 1..{n}' in err, err
+    assert 'Traceback' not in err and not (t/'pseudo-x').exists()
+    code, _, err = run_cli('pseudo-labels', '--mining', t/'erasing', '--out', t/'pseudo-x', '--steps', 1)
+    assert code == 2 and 'keeps no per-step snapshots' in err and not (t/'pseudo-x').exists()
