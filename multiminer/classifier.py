@@ -18,7 +18,7 @@ import torch.nn.functional as tnf
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from .distributed import (ShardedBatchSampler, all_sum, barrier, ddp, global_batchnorm, global_mean, is_main,
+from .distributed import (ShardedBatchSampler, all_sum, barrier, ddp, global_batch_layers, global_mean, is_main,
                                     shard, world_size)
 from .models import SmallExtractor, ParallelModulator, load_checkpoint, vgg16_extractor
 
@@ -163,7 +163,7 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
     from multiminer.features import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     n_classes, device = _n_classes(dataset), torch.device(device)
     clf = build_classifier(cfg, n_classes).to(device)
-    if world_size() > 1: global_batchnorm(clf)      # batch statistics of the whole batch (14_distributed)
+    if world_size() > 1: global_batch_layers(clf)   # batch statistics of the whole batch (14_distributed)
     opt, sched = make_optimizer(cfg, clf)
     ckpt, start = (Path(out_dir)/CHECKPOINT_NAME if out_dir is not None else None), 0
     if resume:

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['world_size', 'rank', 'is_main', 'launched', 'init_distributed', 'barrier', 'shard', 'all_sum', 'broadcast_',
-           'global_mean', 'ShardedBatchSampler', 'ddp', 'unwrap', 'GlobalBatchNorm2d', 'global_batchnorm',
-           'gather_rows', 'tiny_chain', 'compare_chains', 'main', 'count_flops', 'paper_costs', 'cost_table']
+           'global_mean', 'ShardedBatchSampler', 'ddp', 'unwrap', 'GlobalBatchNorm2d', 'GlobalDropout2d',
+           'global_batch_layers', 'gather_rows', 'tiny_chain', 'compare_chains', 'main', 'count_flops', 'paper_costs',
+           'cost_table']
 
 # %% ../nbs/14_distributed.ipynb #d10d57ec
 import argparse, math, os
@@ -125,14 +126,25 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.affine: y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)
 
-def global_batchnorm(module:nn.Module) -> nn.Module:
-    "Turn every `BatchNorm2d` of `module` into a `GlobalBatchNorm2d` in place (same parameters, buffers and state-dict keys)."
+# %% ../nbs/14_distributed.ipynb #afe0096a
+class GlobalDropout2d(nn.Dropout2d):
+    "Dropout2d whose channel masks are drawn for the global batch on every rank and cut to this rank's share: one process's masks. Dropout2d in a plain run."
+    def forward(self, x):
+        if not self.training or self.p == 0 or world_size() == 1: return super().forward(x)
+        n = int(all_sum(torch.tensor([float(len(x))], dtype=torch.float64))[0])     # the global batch size
+        keep = torch.empty((n, x.shape[1], 1, 1), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * shard(keep).div_(1 - self.p)
+
+def global_batch_layers(module:nn.Module) -> nn.Module:
+    "Turn every `BatchNorm2d` of `module` into a `GlobalBatchNorm2d` and every `Dropout2d` into a `GlobalDropout2d`, in place (same parameters, buffers and state-dict keys)."
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             g = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             g.load_state_dict(child.state_dict()); g.train(child.training)
             setattr(module, name, g.to(next(child.buffers(), torch.zeros(0)).device))
-        else: global_batchnorm(child)
+        elif type(child) is nn.Dropout2d:
+            d = GlobalDropout2d(child.p, child.inplace); d.train(child.training); setattr(module, name, d)
+        else: global_batch_layers(child)
     return module
 
 # %% ../nbs/14_distributed.ipynb #d1050ce9
@@ -163,9 +175,8 @@ def tiny_chain(out, n_images:int=48, image_size:int=48, seed:int=0, device='cpu'
     cfg = MiningConfig.synthetic(image_size, max_steps=3, n_m=2, batch_sizes=(16, 16, 16), seed=seed)
     bank = FeatureBank(clf.extractor, ds.images, cfg.scales, device=device)
     res = MultiMiner(clf.modulator, cfg, device=device).run(bank, ds.labels, progress=False)
-    seg = train_segmentation(SegConfig.synthetic(crop_size=image_size, epochs=2, batch_size=8, seed=seed,
-                                                 model_kwargs=dict(dropout=0.0)), ds.images, ds.masks, device,
-                             progress=False)
+    seg = train_segmentation(SegConfig.synthetic(crop_size=image_size, epochs=2, batch_size=8, seed=seed), ds.images,
+                             ds.masks, device, progress=False)
     out_d = dict(world_size=world_size(), classifier=clf.state_dict(), features=bank[cfg.scales[-1]].clone(),
                  steps=res.steps, stop_reason=res.stop_reason, merged=res.merged, probs=res.probs,
                  segmentation=seg.state_dict())

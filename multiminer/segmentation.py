@@ -20,7 +20,7 @@ from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import SmallExtractor, count_parameters, imagenet_state_dict, load_checkpoint
-from .distributed import (ShardedBatchSampler, all_sum, barrier, ddp, global_batchnorm, global_mean, is_main,
+from .distributed import (ShardedBatchSampler, all_sum, barrier, ddp, global_batch_layers, global_mean, is_main,
                                     world_size)
 from .metrics import confusion_matrix, miou
 
@@ -363,7 +363,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
             start, history = ckpt['epoch'], ckpt['history']
             if progress and is_main(): print(f"resuming from {ckpt_path} after epoch {start}/{cfg.epochs}")
         elif resume and progress and is_main(): print(f"no checkpoint in {out_dir}; starting from scratch")
-        if world_size() > 1: global_batchnorm(model)   # batch statistics of the whole batch (14_distributed)
+        if world_size() > 1: global_batch_layers(model)   # batch statistics and dropout masks of the whole batch (14_distributed)
         net, progress = ddp(model), progress and is_main()
         for epoch in range(start, cfg.epochs):
             t0, model = time.time(), model.train()
