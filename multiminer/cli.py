@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'DATA_KINDS', 'SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'N_VAL_SYNTHETIC', 'RUN_FILE', 'VOC_TEST_RESULTS',
-           'SEED_MAX', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'SNAPSHOTS', 'MULTI_SCALES', 'CLIError',
-           'build_parser', 'read_run', 'write_json', 'write_run', 'available_memory', 'synthetic_bytes',
+           'SEED_MAX', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'SNAPSHOTS', 'MULTI_SCALES', 'DISTRIBUTED',
+           'CLIError', 'build_parser', 'read_run', 'write_json', 'write_run', 'available_memory', 'synthetic_bytes',
            'demo_settings', 'resolve_data', 'file_sha256', 'tree_sha256', 'output_sha256', 'data_fingerprint',
            'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'VOCImages', 'cmd_demo', 'cmd_table2',
            'cmd_fig6', 'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_erase',
@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from .features import progress_bar   # the package's tqdm bar (also imported from here by 03 and 08)
 from . import __version__
 from .bench import add_bench_args, bench_from_args
+from .distributed import barrier, init_distributed, is_main, launched
 
 # %% ../nbs/11_cli.ipynb #d113e77f
 PRESETS = ('voc', 'synthetic')
@@ -233,13 +234,15 @@ def read_run(folder) -> dict:
         raise CLIError(f"{p} is not valid JSON ({e}): it is damaged; run that stage again") from None
 
 def write_json(path, obj):
-    "Write `obj` as JSON to `path` atomically: a temporary name in the same folder, then a rename."
+    "Write `obj` as JSON to `path` atomically: a temporary name in the same folder, then a rename (under torchrun: rank 0 only)."
+    if not is_main(): return
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(json.dumps(obj, indent=1, default=str)); os.replace(tmp, path)
 
 def write_run(out, stage, argv, preset, data, input_size, **extra):
-    "Write `out`/run.json (atomically): what this stage ran on, for the next stage to read and check."
+    "Write `out`/run.json (atomically): what this stage ran on, for the next stage to read and check. Under torchrun every rank calls it; it waits for all of them (none is still checking `out`) and rank 0 writes."
+    barrier()
     rec = dict(stage=stage, argv=list(argv), preset=preset, data=data, input_size=input_size,
                time=time.strftime('%Y-%m-%d %H:%M:%S'), **extra)
     write_json(Path(out)/RUN_FILE, rec)
@@ -383,6 +386,7 @@ def _take_back():
     "After a failure: a new --out that holds only the run.json of its unfinished run is left empty, as it was found."
     while _NEW_OUTS:
         out = _NEW_OUTS.pop()
+        if not is_main(): continue
         if out.is_dir() and [p.name for p in out.iterdir()] == [RUN_FILE] and read_run(out).get('finished') is False:
             (out/RUN_FILE).unlink(); out.rmdir()
 
@@ -442,7 +446,8 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
                        f"stage's folder; choose another --out")
     state = 'finished' if rec.get('finished') is True else 'unfinished'
     if force:
-        for name in STAGE_FILES[stage] + (RUN_FILE,):
+        barrier()                        # under torchrun: every rank has read `out` before rank 0 empties it
+        for name in STAGE_FILES[stage] + (RUN_FILE,) if is_main() else ():
             p = out/name
             if p.is_dir(): shutil.rmtree(p)
             elif p.exists(): p.unlink()
@@ -603,7 +608,8 @@ def save_mining_result(result, path, labels, names, data):
     import dataclasses, torch
     blob = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     tmp = Path(str(path) + '.tmp')
-    torch.save(dict(blob, labels=labels, names=list(names), data=data), tmp); os.replace(tmp, path)
+    if is_main(): torch.save(dict(blob, labels=labels, names=list(names), data=data), tmp); os.replace(tmp, path)
+    barrier()   # under torchrun the other ranks read it (its hash) only once it is there
 
 def load_mining_result(folder):
     "(MiningResult, extras) from a `mine` output folder (or its mining_result.pt); extras: labels, names, data."
@@ -624,8 +630,10 @@ def _feature_bank(clf, images, cfg, cache_dir, key, device, progress):
         if cache_dir is not None:
             npy, done = Path(cache_dir)/f'features_{s}.npy', Path(cache_dir)/f'features_{s}.json'
             want = dict(key, size=s, half=cfg.half_features)
-            if npy.exists() and not (done.is_file() and json.loads(done.read_text()) == want):
-                npy.unlink(); done.unlink(missing_ok=True)
+            stale = npy.exists() and not (done.is_file() and json.loads(done.read_text()) == want)
+            barrier()                    # under torchrun: every rank has looked before rank 0 deletes
+            if stale and is_main(): npy.unlink(); done.unlink(missing_ok=True)
+            barrier()
             bank[s]
             write_json(done, want)
         else: bank[s]
@@ -927,7 +935,7 @@ def save_snapshot(miner, folder) -> Path:
     p = snapshot_path(folder, st.t); p.parent.mkdir(parents=True, exist_ok=True)
     blob = dict(step=int(st.t), merged=(st.pools[-1].clamp(0, 1) * 255).round().to(torch.uint8), steps=st.steps.clone(),
                 objects=st.objects.clone())
-    tmp = p.with_name(p.name + '.tmp'); torch.save(blob, tmp); os.replace(tmp, p)
+    if is_main(): tmp = p.with_name(p.name + '.tmp'); torch.save(blob, tmp); os.replace(tmp, p)
     return p
 
 def snapshot_result(result, folder, t):
@@ -970,7 +978,7 @@ def _write_miou_by_steps(out, result, summary):
     summary.update(miou_by_steps=curve, miou_by_steps_kind=f"pseudo-mask mIoU (%) of steps 1..T merged against the "
                    f"training masks: threshold cue (background below {result.bg_threshold:g}), no CRF")
     tmp = out/'fig_miou_by_steps.tmp.png'
-    plot_miou_by_steps(curve, path=tmp); os.replace(tmp, out/'fig_miou_by_steps.png')
+    if is_main(): plot_miou_by_steps(curve, path=tmp); os.replace(tmp, out/'fig_miou_by_steps.png')
 
 def _check_steps(t, up, folder):
     "pseudo-labels --steps T: only from a `mine --snapshots` folder, and T at most the steps it ran."
@@ -1144,6 +1152,18 @@ def cmd_evaluate(args, argv=()):
     print(f"mIoU {score:.1f}% on {len(images)} {args.split} images  ({result_file})")
     return res
 
+# %% ../nbs/11_cli.ipynb #0b526937
+DISTRIBUTED = ('train-classifier', 'mine', 'train-seg')   # the stages that train on several processes under torchrun
+
+def _join_ranks(args):
+    "Under torchrun: only the training stages run on several processes; join the group, one device per rank; the other ranks stay quiet."
+    if args.command not in DISTRIBUTED:
+        raise CLIError(f"`multiminer {args.command}` runs in one process: start it without torchrun (the stages that train on "
+                       f"several processes are {', '.join(DISTRIBUTED)})")
+    _check_device(args.device)
+    args.device = str(init_distributed(args.device))
+    if not is_main(): args.quiet = True; sys.stdout = open(os.devnull, 'w')
+
 # %% ../nbs/11_cli.ipynb #890afd6d
 _HANDLERS = {'demo': cmd_demo, 'train-classifier': cmd_train_classifier, 'mine': cmd_mine,
              'pseudo-labels': cmd_pseudo_labels, 'train-seg': cmd_train_seg, 'evaluate': cmd_evaluate,
@@ -1166,12 +1186,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     _NEW_OUTS.clear()
-    try: _HANDLERS[args.command](args, argv)
+    try:
+        if launched(): _join_ranks(args)
+        _HANDLERS[args.command](args, argv)
     except BaseException as e:
         _take_back()
         if not isinstance(e, Exception) or not _user_error(e): raise
         print(f"multiminer {args.command}: error: {_message(e)}", file=sys.stderr)
         raise SystemExit(2)
+    finally:
+        if launched() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
     return 0
 
 # %% ../nbs/11_cli.ipynb #ed478767

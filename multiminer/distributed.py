@@ -193,6 +193,8 @@ def compare_chains(a:dict, b:dict) -> dict:
     return dict(classifier=gap(a['classifier'], b['classifier']),
                 features=float((a['features'] - b['features']).abs().max()),
                 merged_maps=float((a['merged'] - b['merged']).abs().max()),
+                merged_maps_mean=float((a['merged'] - b['merged']).abs().mean()),
+                mined_disagree=float(((a['merged'] < 0.5) != (b['merged'] < 0.5)).float().mean()),
                 probs=float((a['probs'] - b['probs']).nan_to_num(0).abs().max()),
                 same_steps=bool(torch.equal(a['steps'], b['steps'])),
                 same_stop_reasons=bool(torch.equal(a['stop_reason'], b['stop_reason'])),
