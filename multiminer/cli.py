@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument('--resume', action='store_true', help="continue from mining_state.pt in --out")
     m.add_argument('--force', action='store_true', help="replace the run in --out instead of refusing it")
     m.add_argument('--max-steps', type=_int_at_least(1), metavar='N', help="cap on the mining steps (default: the preset's)")
+    m.add_argument('--scales', type=_int_at_least(8), nargs='+', metavar='PX', help="the input scales of the steps (Eq. 8; "
+                   "default: the preset's schedule, 256 321 417 for voc); one scale mines every step at it (Table 2)")
     m.add_argument('--by-steps', action='store_true', help="Fig. 6, pseudo-mask version: after every step T, the mIoU of "
                    "the pseudo masks of steps 1..T merged (threshold cue, no CRF) against the training masks; "
                    "summary.json's miou_by_steps, fig_miou_by_steps.png")
@@ -652,6 +654,7 @@ def _mining_bar(args, cfg):
     bar = progress_bar(desc='mining steps', total=cfg.max_steps, disable=args.quiet, unit='step')
     def callback(miner):
         r = miner.state.history[-1]
+        if args.quiet: return                 # tqdm's write prints even when the bar is disabled
         bar.n = miner.state.t; bar.refresh()
         bar.write(f"step {r['step']} @{r['scale']}px: modulator loss {r['modulator_loss']:.3f}, generator L_g "
                   f"{r['generator_loss']:.3f}; stored {r['stored']}/{r['active_before']} active objects, stopped "
@@ -710,7 +713,11 @@ def cmd_mine(args, argv=()):
     from multiminer.mining import MiningConfig, MultiMiner
     def config(preset, spec, input_size, seed):
         over = _over(max_steps=args.max_steps, seed=seed)
-        return MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
+        cfg = MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
+        if not args.scales: return cfg
+        bs = dict(zip(cfg.scales, cfg.batch_sizes))   # a scale of the schedule keeps its batch size; others the last one's
+        try: return replace(cfg, scales=tuple(args.scales), batch_sizes=tuple(bs.get(s, cfg.batch_sizes[-1]) for s in args.scales))
+        except ValueError as e: raise CLIError(f"--scales {' '.join(map(str, args.scales))}: {e}") from None
     r = _on_classifier(args, 'mine', config, resume=args.resume)
     out, spec, preset, seed, input_size, cfg, ds, fp, now = r.out, r.spec, r.preset, r.seed, r.input_size, r.cfg, r.ds, r.fp, r.now
     flags = dict(by_steps=args.by_steps, snapshots=args.snapshots)

@@ -228,3 +228,18 @@ def test_erase_then_pseudo_labels(tmp_path):
     assert code == 2 and 'not of `multiminer mine` or `multiminer erase`' in err, err
     code, _, err = run_cli('erase', '--classifier', tmp_path/'c', '--out', tmp_path/'e')
     assert code == 2 and 'finished `erase` run' in err and '--force' in err
+
+
+def test_mine_at_one_fixed_scale(tmp_path):
+    "`mine --scales R`: every step at one input scale (Table 2's rows); a schedule that is not increasing is refused; --quiet prints no step lines."
+    syn = ['--data', 'shapes', '--n-images', 16, '--image-size', 32]
+    assert run_cli('train-classifier', *syn, '--epochs', 1, '--out', tmp_path/'c', '--quiet')[0] == 0
+    code, _, err = run_cli('mine', '--classifier', tmp_path/'c', '--scales', 40, '--max-steps', 2, '--out', tmp_path/'m', '--quiet')
+    assert code == 0 and 'step 1' not in err
+    hist = json.loads((tmp_path/'m'/'summary.json').read_text())['history']
+    assert [h['scale'] for h in hist] == [40] * len(hist) and read_run(tmp_path/'m')['config']['scales'] == [40]
+    from multiminer.classifier import load_classifier
+    stride = load_classifier(tmp_path/'c').extractor.stride
+    assert load_mining_result(tmp_path/'m')[0].merged.shape[-1] == -(-40 // stride)   # the maps of a 40-px input
+    code, _, err = run_cli('mine', '--classifier', tmp_path/'c', '--scales', 40, 32, '--out', tmp_path/'m2', '--quiet')
+    assert code == 2 and '--scales 40 32' in err and 'increasing' in err and not (tmp_path/'m2').exists()

@@ -37,3 +37,20 @@ def test_subcommand_help_exits_0(sub):
     r = subprocess.run([sys.executable, '-m', 'multiminer.cli', sub, '--help'], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0, f"`multiminer {sub} --help` failed ({r.returncode}):\n{r.stderr[-2000:]}"
+
+
+def torchrun_commands(path=RECIPE):
+    "The `multiminer` arguments of the recipe's `torchrun ... -m multiminer.cli ...` lines, `\\` continuations joined."
+    out = []
+    for cell in json.loads(Path(path).read_text())['cells']:
+        text = re.sub(r'\\\n\s*', ' ', ''.join(cell['source']))
+        out += [m.group(1).split() for m in re.finditer(r'^\s*torchrun [^\n`]*?-m multiminer\.cli ([^\n`]*)', text, re.M)]
+    return out
+
+
+def test_torchrun_lines_are_the_training_stages_and_parse():
+    "Every multi-GPU command of the recipe names a stage that trains on several processes, with options that parse."
+    from multiminer.cli import DISTRIBUTED, build_parser
+    cmds = torchrun_commands()
+    assert sorted({c[0] for c in cmds}) == sorted(DISTRIBUTED)
+    for c in cmds: assert build_parser().parse_args(c).command == c[0]
