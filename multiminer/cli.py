@@ -636,7 +636,15 @@ def _feature_bank(clf, images, cfg, cache_dir, key, device, progress):
             barrier()                    # under torchrun: every rank has looked before rank 0 deletes
             if stale and is_main(): npy.unlink(); done.unlink(missing_ok=True)
             barrier()
-            bank[s]
+            try: f = bank[s]
+            except ValueError as e:    # a truncated or crafted .npy: np.load refuses it (never unpickling)
+                raise CLIError(f"{npy} cannot be read ({str(e).splitlines()[0][:200]}): delete it, or run `multiminer mine "
+                               f"--force`, to extract the features again") from None
+            shape = (key['n_images'], clf.extractor.out_channels)
+            half = torch.float16 if cfg.half_features else torch.float32
+            if tuple(f.shape[:2]) != shape or f.ndim != 4 or f.dtype != half:
+                raise CLIError(f"{npy} holds features of shape {tuple(f.shape)} ({f.dtype}), not {shape} + (h, w) ({half}) "
+                               f"for these images and this classifier: delete it, or run `multiminer mine --force`")
             write_json(done, want)
         else: bank[s]
     return bank

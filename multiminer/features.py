@@ -92,7 +92,7 @@ def _extract(extractor, images, size, batch_size, half, device, out_path, progre
     if out_path is not None:
         mm.flush(); del out, mm
         os.replace(partial, out_path)
-        out = torch.from_numpy(np.load(out_path, mmap_mode='r+'))
+        out = torch.from_numpy(np.load(out_path, mmap_mode='c'))
     return out
 
 # %% ../nbs/04_features.ipynb #1807568a
@@ -108,7 +108,7 @@ def _write_rows(local, n, out_path):
     barrier()
     if is_main(): os.replace(partial, out_path)
     barrier()
-    return torch.from_numpy(np.load(out_path, mmap_mode='r+'))
+    return torch.from_numpy(np.load(out_path, mmap_mode='c'))
 
 # %% ../nbs/04_features.ipynb #be390a30
 class FeatureBank:
@@ -126,7 +126,9 @@ class FeatureBank:
         if size not in self._feats:
             path = None if self.cache_dir is None else self.cache_dir/f'features_{size}.npy'
             if path is not None and path.exists():
-                self._feats[size] = torch.from_numpy(np.load(path, mmap_mode='r+'))
+                # copy-on-write: the cache on disk is never written back, and a file cut short raises a ValueError
+                # (with 'r+' numpy would silently extend it with zeros)
+                self._feats[size] = torch.from_numpy(np.load(path, mmap_mode='c'))
             else:
                 self._feats[size] = extract_features(self.extractor, self.images, size, self.batch_size,
                                                      self.half, self.device, path, self.progress)
