@@ -158,7 +158,7 @@ class _Loaded(torch.utils.data.Dataset):
 MEMORY_STAGES = ('data', 'classifier', 'features', 'saliency', 'mining', 'pseudo_masks', 'segmentation')
 
 def stage_memory(data_path:str, n_images:int, seed:int=0, device='cpu', epochs:int=1, erasing_steps:int=1,
-                 max_steps:int=1, steps_test:int=0) -> dict:
+                 max_steps:int=1, steps_test:int=0, batch_size:int=None) -> dict:
     "Peak resident memory (bytes) of each stage of the demo on the first `n_images` of the set saved at `data_path`; optionally the steps test (`steps_test` k: mining k and 2k steps). Meant for a fresh process: `in_child`."
     S = bench_settings(seed, data=torch.load(data_path, weights_only=True, mmap=True)['kind'])
     S.classifier = dataclasses.replace(S.classifier, epochs=epochs, lr_step_epoch=None)
@@ -166,6 +166,10 @@ def stage_memory(data_path:str, n_images:int, seed:int=0, device='cpu', epochs:i
     S.saliency = dataclasses.replace(S.saliency, epochs=epochs)
     S.erasing = dataclasses.replace(S.erasing, steps=erasing_steps)
     S.mining = dataclasses.replace(S.mining, max_steps=max_steps)
+    if batch_size:   # the same batches at every set size: what grows with the images is then what a stage keeps per image
+        b = lambda c: dataclasses.replace(c, batch_size=min(c.batch_size, batch_size))
+        S.classifier, S.segmentation, S.saliency, S.erasing = b(S.classifier), b(S.segmentation), b(S.saliency), b(S.erasing)
+        S.mining = dataclasses.replace(S.mining, batch_sizes=tuple(min(x, batch_size) for x in S.mining.batch_sizes))
     size, peaks, secs, st = S.classifier.input_size, {}, {}, {}
     def stage(name, fn):
         gc.collect(); reset_peak_rss(); t0 = time.perf_counter()
@@ -359,7 +363,7 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
         say(f"peak memory per stage at {n1} and {n2} images, and mining {sz.memory_steps} against {2 * sz.memory_steps} steps (fresh processes)")
         path = out/'bench_data.pt'
         torch.save(dict(kind=data, images=ds.images, labels=ds.labels, masks=ds.masks), path)
-        kw = dict(data_path=str(path), seed=seed, device=device)
+        kw = dict(data_path=str(path), seed=seed, device=device, batch_size=n1)   # batches no larger than the smaller set
         try:
             m1 = in_child('stage_memory', n_images=n1, steps_test=sz.memory_steps, **kw)
             m2 = in_child('stage_memory', n_images=n2, **kw)
@@ -376,6 +380,7 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
                              steps_added_mib={k: round(v['added_bytes'] / 2**20, 1) for k, v in m1['steps'].items()},
                              how='peak resident set (VmHWM of /proc/self/status, reset through /proc/self/clear_refs before each '
                                  'stage) in a fresh process per set size, glibc mapping blocks over 128 KiB on their own; '
+                                 f'batches of at most {n1} images at both sizes (else the activations of a batch would grow with the set and count as per image); '
                                  'one epoch of each training, 1 erasing and 1 multi-miner step; the saliency net trains on '
                                  'the next n images of the set; steps test at the largest scale only, a 1-step run first to warm up')
     else:

@@ -54,10 +54,20 @@ def pseudo_masks(strength,                 # (N,C,h,w) in [0,1], HIGH = object (
                  saliency=None,            # optional (N,H,W) in [0,1], foreground high (SeeNet's maps): the saliency cue
                  saliency_threshold:float=SALIENCY_BG, # below this a pixel is not salient
                  conflict:float=None,      # saliency cue: ignore pixels where two classes exceed this (None: off)
+                 chunk:int=64,             # images upsampled at once: the full-size strengths of no more are held
                 )->torch.Tensor:           # (N,H,W) int64: 0 background, c+1 for class index c, 255 ignore
     "Pseudo masks: each pixel goes to the present class with the strongest region, background where none is strong; with `saliency`, 255 where the cues disagree."
     s, present = _check_strength(strength, labels)
     if not 0 <= bg_threshold <= 1: raise ValueError(f"bg_threshold must be in [0, 1], got {bg_threshold}")
+    hw = _hw(size) if size is not None else tuple(s.shape[-2:])
+    if saliency is not None: saliency = _check_saliency(saliency, (len(s),) + hw)
+    parts = [_pseudo_chunk(s[i:i + chunk], present[i:i + chunk], size, bg_threshold,
+                           None if saliency is None else saliency[i:i + chunk], saliency_threshold, conflict)
+             for i in range(0, max(len(s), 1), chunk)]
+    return torch.cat(parts)
+
+def _pseudo_chunk(s, present, size, bg_threshold, saliency, saliency_threshold, conflict):
+    "`pseudo_masks` of a few images."
     if size is not None: s = _upsample(s, size)
     s = s.masked_fill(~present[:, :, None, None], -1.)   # classes not in the image can never win
     best, idx = s.max(1)
@@ -66,7 +76,7 @@ def pseudo_masks(strength,                 # (N,C,h,w) in [0,1], HIGH = object (
     if saliency is None:
         mask[~mined] = 0                                  # also every pixel of an image without labels
         return mask
-    salient = _check_saliency(saliency, mask.shape).to(mask.device) >= saliency_threshold
+    salient = saliency.to(mask.device) >= saliency_threshold
     mask[~mined & ~salient] = 0
     mask[mined != salient] = 255                          # the cues disagree: neither guess is taught
     if conflict is not None: mask[(s > conflict).sum(1) > 1] = 255
@@ -170,14 +180,20 @@ def _images_uint8(images):
         raise ValueError(f"images must be float in [0, 1] or uint8, got dtype {images.dtype}")
     return np.ascontiguousarray(images.to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
-def _mask_probs(masks, present, confidence):
-    "(N,1+C,H,W) probabilities from integer masks: `confidence` on each pixel's label, the rest shared."
+def _check_mask_labels(masks, present):
+    "(allowed (N,1+C), known (N,H,W)) of integer masks whose labels are all background, 255 or a present class; else a ValueError."
     N, H, W = masks.shape
     allowed = torch.cat([torch.ones(N, 1, dtype=torch.bool), present.cpu()], 1)        # (N,1+C)
     known = masks != 255
     bad = known & ~allowed.gather(1, masks.clamp(0, allowed.shape[1] - 1).flatten(1)).view(N, H, W)
     if ((masks < 0) | ((masks > present.shape[1]) & known)).any() or bad.any():
         raise ValueError("masks hold labels that are not background, 255 or a class present in `labels`")
+    return allowed, known
+
+def _mask_probs(masks, present, confidence):
+    "(N,1+C,H,W) probabilities from integer masks: `confidence` on each pixel's label, the rest shared."
+    N, H, W = masks.shape
+    allowed, known = _check_mask_labels(masks, present)
     n_allowed = allowed.sum(1).view(N, 1, 1, 1).float()
     probs = allowed[:, :, None, None] * ((1 - confidence) / (n_allowed - 1).clamp_min(1))
     probs = probs.expand(N, allowed.shape[1], H, W).clone()
@@ -193,31 +209,41 @@ def crf_refine(images,                     # (N,3,H,W) float in [0,1] or uint8
                saliency_threshold:float=0.5,
                mask_confidence:float=0.7,  # probability given to a mask's label (masks only)
                workers:int=0,              # processes for the CRF (0: this one)
+               chunk:int=64,               # images whose CRF inputs are made at once (not the whole set's)
                **crf_kwargs,               # passed to `dense_crf` (n_iters, sxy_bilateral, ...)
               )->torch.Tensor:             # (N,H,W) int64: 0 background, c+1 for class c
     "Dense-CRF-refined pseudo masks from strengths (or from masks), restricted to background and present classes."
     imgs = _images_uint8(images)
     N, H, W, _ = imgs.shape
     x = torch.as_tensor(strength_or_mask)
+    labels = torch.as_tensor(labels)
     if x.ndim == 4 and x.is_floating_point():
         if x.shape[0] != N: raise ValueError(f"strength has {x.shape[0]} images, images has {N}")
-        probs = pseudo_probs(x, labels, size=(H, W), bg_threshold=bg_threshold, saliency=saliency,
-                             saliency_threshold=saliency_threshold).cpu()
-        present = torch.as_tensor(labels).cpu() > 0
+        _check_strength(x, labels)
+        if saliency is not None: saliency = _check_saliency(saliency, (N, H, W))
+        probs_of = lambda a, b: pseudo_probs(x[a:b], labels[a:b], size=(H, W), bg_threshold=bg_threshold,
+                                             saliency=None if saliency is None else saliency[a:b],
+                                             saliency_threshold=saliency_threshold).cpu()
+        present = labels.cpu() > 0
     elif x.ndim == 3 and not x.is_floating_point():
         if tuple(x.shape) != (N, H, W): raise ValueError(f"masks must be (N,H,W) = {(N, H, W)}, got {tuple(x.shape)}")
-        present = torch.as_tensor(labels).cpu() > 0
+        present = labels.cpu() > 0
         if present.ndim != 2 or present.shape[0] != N: raise ValueError(f"labels must be (N,C) with N={N}, got {tuple(present.shape)}")
         if not 0 < mask_confidence < 1: raise ValueError(f"mask_confidence must be in (0, 1), got {mask_confidence}")
-        probs = _mask_probs(x.long().cpu(), present, mask_confidence)
+        _check_mask_labels(x.long().cpu(), present)     # every label checked now, before any CRF runs
+        probs_of = lambda a, b: _mask_probs(x[a:b].long().cpu(), present[a:b], mask_confidence)
     else:
         raise ValueError(f"strength_or_mask must be float (N,C,h,w) strengths or integer (N,H,W) masks, "
                          f"got shape {tuple(x.shape)} and dtype {x.dtype}")
-    jobs = [(imgs[i], probs[i].numpy(), present[i].nonzero().flatten().numpy(), crf_kwargs) for i in range(N)]
+    def jobs():   # the CRF inputs of `chunk` images at a time
+        for a in range(0, N, chunk):
+            probs = probs_of(a, a + chunk)
+            for i in range(a, a + len(probs)): yield imgs[i], probs[i - a].numpy(), present[i].nonzero().flatten().numpy(), crf_kwargs
     if workers > 0 and N > 1:   # forked processes; the jobs and their results are numpy only (torch is not fork-safe)
         import multiprocessing as mp
-        with mp.get_context('fork').Pool(workers) as pool: res = pool.map(_crf_one, jobs, chunksize=max(1, N // (4 * workers)))
-    else: res = [_crf_one(j) for j in jobs]
+        with mp.get_context('fork').Pool(workers) as pool:
+            res = list(pool.imap(_crf_one, jobs(), chunksize=max(1, min(chunk, N // (4 * workers)))))
+    else: res = [_crf_one(j) for j in jobs()]
     return torch.from_numpy(np.stack(res)) if res else torch.zeros(0, H, W, dtype=torch.long)
 
 def _crf_one(job):
