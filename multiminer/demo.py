@@ -245,14 +245,14 @@ def mine_all(S, clf, bank, labels, image_size, device, out=None, resume=False, p
     return dict(cam=cam, fixed_erasing=erasing.strength, multiminer=result.strength()), result
 
 def all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=True):
-    "{method: {cue: (N, H, W) pseudo masks}} for the cues threshold, crf (when `crf`) and saliency."
-    size = tuple(images.shape[-2:])
+    "{method: {cue: (N, H, W) uint8 pseudo masks}} for the cues threshold, crf (when `crf`) and saliency."
+    size, byte = tuple(images.shape[-2:]), lambda m: m.to(torch.uint8)   # 0..C and 255 fit a byte: 1/8 of int64's memory
     out = {}
     for k, s in strengths.items():
         bg = S.bg_threshold(k, result=result)
-        out[k] = dict(threshold=pseudo_masks(s, labels, size=size, bg_threshold=bg),
-                      saliency=pseudo_masks(s, labels, size=size, bg_threshold=bg, saliency=saliency))
-        if crf: out[k]['crf'] = crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True), workers=S.crf_workers if len(images) > 128 else 0)
+        out[k] = dict(threshold=byte(pseudo_masks(s, labels, size=size, bg_threshold=bg)),
+                      saliency=byte(pseudo_masks(s, labels, size=size, bg_threshold=bg, saliency=saliency)))
+        if crf: out[k]['crf'] = byte(crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True), workers=S.crf_workers if len(images) > 128 else 0))
     return out
 
 def prepare(S:DemoSettings, out, seed, n_images, n_classes, image_size, device='cpu', resume=False, progress=True, secs=None):
