@@ -8,12 +8,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT/'nbs'/'10_voc_recipe.ipynb'
 
 
+def cell_texts(path=RECIPE):
+    "The text of each cell of a notebook (markdown and code), with `\\` continuations joined."
+    return [re.sub(r'\\\n\s*', ' ', ''.join(cell['source'])) for cell in json.loads(Path(path).read_text())['cells']]
+
+
 def recipe_commands(path=RECIPE):
     "The `multiminer ...` command lines of a notebook (markdown and code cells), with `\\` continuations joined."
-    cmds = []
-    for cell in json.loads(Path(path).read_text())['cells']:
-        text = re.sub(r'\\\n\s*', ' ', ''.join(cell['source']))
-        cmds += [m.group(0).strip() for m in re.finditer(r'^\s*(?:#\s*)?multiminer [^\n`]*', text, re.M)]
+    cmds = [m.group(0).strip() for text in cell_texts(path) for m in re.finditer(r'^\s*(?:#\s*)?multiminer [^\n`]*', text, re.M)]
     return [' '.join(re.sub(r'^#\s*', '', c).split()) for c in cmds]
 
 
@@ -41,11 +43,8 @@ def test_subcommand_help_exits_0(sub):
 
 def torchrun_commands(path=RECIPE):
     "The `multiminer` arguments of the recipe's `torchrun ... -m multiminer.cli ...` lines, `\\` continuations joined."
-    out = []
-    for cell in json.loads(Path(path).read_text())['cells']:
-        text = re.sub(r'\\\n\s*', ' ', ''.join(cell['source']))
-        out += [m.group(1).split() for m in re.finditer(r'^\s*torchrun [^\n`]*?-m multiminer\.cli ([^\n`]*)', text, re.M)]
-    return out
+    return [m.group(1).split() for text in cell_texts(path)
+            for m in re.finditer(r'^\s*torchrun [^\n`]*?-m multiminer\.cli ([^\n`]*)', text, re.M)]
 
 
 def test_torchrun_lines_are_the_training_stages_and_parse():
