@@ -4,16 +4,17 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'DATA_KINDS', 'SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'N_VAL_SYNTHETIC', 'RUN_FILE', 'VOC_TEST_RESULTS',
-           'SEED_MAX', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'SNAPSHOTS', 'MULTI_SCALES', 'DISTRIBUTED',
-           'CLIError', 'build_parser', 'read_run', 'write_json', 'write_run', 'available_memory', 'synthetic_bytes',
-           'demo_settings', 'resolve_data', 'file_sha256', 'tree_sha256', 'output_sha256', 'data_fingerprint',
-           'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'VOCImages', 'cmd_demo', 'cmd_table2',
-           'cmd_fig6', 'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_erase',
-           'cmd_pseudo_labels', 'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou', 'PseudoMaskDataset',
-           'cmd_train_seg', 'VOCTestImages', 'cmd_evaluate', 'main']
+           'SEED_MAX', 'RUN_MAX_BYTES', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'SALIENCY_MODES', 'SNAPSHOTS',
+           'MULTI_SCALES', 'DISTRIBUTED', 'CLIError', 'build_parser', 'read_run', 'write_json', 'write_run',
+           'available_memory', 'synthetic_bytes', 'demo_settings', 'resolve_data', 'file_sha256', 'tree_sha256',
+           'output_sha256', 'data_fingerprint', 'require_upstream', 'check_same_data', 'prepare_out', 'check_resume',
+           'VOCImages', 'cmd_demo', 'cmd_table2', 'cmd_fig6', 'cmd_train_classifier', 'save_mining_result',
+           'load_mining_result', 'cmd_mine', 'cmd_erase', 'cmd_pseudo_labels', 'snapshot_path', 'save_snapshot',
+           'snapshot_result', 'merged_miou', 'PseudoMaskDataset', 'cmd_train_seg', 'VOCTestImages', 'cmd_evaluate',
+           'main']
 
 # %% ../nbs/11_cli.ipynb #3314d257
-import argparse, hashlib, json, os, re, shutil, sys, time
+import argparse, contextlib, hashlib, json, os, random, re, shutil, sys, time
 from pathlib import Path
 import torch
 from torch.utils.data import Dataset
@@ -227,13 +228,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/11_cli.ipynb #3e0219da
+RUN_MAX_BYTES = 16 << 20     # a run.json holds settings and hashes: a few kB; a larger one is not one multiminer wrote
+_RUN_TYPES = dict(stage=str, finished=bool, preset=(str, type(None)), data=(dict, type(None)), input_size=(int, type(None)),
+                  seed=int, config=dict, inputs=dict, outputs=dict, data_fingerprint=str, steps_run=int, snapshots=bool,
+                  by_steps=bool)
+
+def _not_a_run(p, what):
+    return CLIError(f"{p} is not a run record as multiminer writes it ({what}): it was edited or damaged; run the stage "
+                    f"that wrote it again, into a new --out (or delete the file)")
+
+def _check_run(rec, p):
+    "The keys other stages rely on have the types the stages write; output names stay inside the folder; else a CLIError naming `p`."
+    if not isinstance(rec, dict): raise _not_a_run(p, f"a JSON {type(rec).__name__}, not an object")
+    if rec and 'stage' not in rec: raise _not_a_run(p, "no stage")
+    for k, types in _RUN_TYPES.items():
+        v = rec.get(k)
+        if k in rec and (not isinstance(v, types) or isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+            want = ' or '.join('null' if t is type(None) else t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise _not_a_run(p, f"{k} is {_show(v)}, not {want}")
+    for name, h in rec.get('outputs', {}).items():
+        if not (isinstance(h, str) and re.fullmatch(r'[0-9a-f]{64}', h)): raise _not_a_run(p, f"outputs.{name} is {_show(h)}, not a sha256")
+        if not name or Path(name).is_absolute() or '..' in Path(name).parts:
+            raise _not_a_run(p, f"outputs names {name!r}, not a file inside its folder")
+    if rec.get('preset') not in PRESETS + (None,): raise _not_a_run(p, f"preset is {_show(rec['preset'])}, not one of {PRESETS}")
+    if not 0 <= rec.get('seed', 0) <= SEED_MAX: raise _not_a_run(p, f"seed is {rec['seed']}, not in 0..{SEED_MAX}")
+    d = rec.get('data')
+    if d is not None:
+        if d.get('kind') not in DATA_KINDS: raise _not_a_run(p, f"data.kind is {_show(d.get('kind'))}, not one of {DATA_KINDS}")
+        want = dict(voc_root=str) if d['kind'] == 'voc' else dict(n_images=int, n_classes=int, image_size=int, seed=int)
+        for k, t in want.items():
+            if not isinstance(d.get(k), t) or isinstance(d.get(k), bool):
+                raise _not_a_run(p, f"data.{k} is {_show(d.get(k))}, not {t.__name__}")
+        lo_hi = dict(n_images=(2, None), n_classes=(1, 20), image_size=(32, None), seed=(0, SEED_MAX))
+        for k, (lo, hi) in lo_hi.items() if d['kind'] != 'voc' else ():
+            if d[k] < lo or hi is not None and d[k] > hi:
+                raise _not_a_run(p, f"data.{k} is {d[k]}, not in {lo}..{'' if hi is None else hi}")
+    return rec
+
 def read_run(folder) -> dict:
-    "The run.json a stage wrote in `folder` ({} when there is none)."
+    "The run.json a stage wrote in `folder` ({} when there is none); a damaged or edited one is a CLIError naming it."
     p = Path(folder)/RUN_FILE
     if not p.is_file(): return {}
-    try: return json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CLIError(f"{p} is not valid JSON ({e}): it is damaged; run that stage again") from None
+    if p.stat().st_size > RUN_MAX_BYTES: raise _not_a_run(p, f"{p.stat().st_size / 2**20:,.0f} MiB, not a few kB")
+    try: return _check_run(json.loads(p.read_text()), p)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CLIError(f"{p} is not valid JSON ({type(e).__name__}: {str(e)[:120]}): it is damaged; run that stage again") from None
 
 def write_json(path, obj):
     "Write `obj` as JSON to `path` atomically: a temporary name in the same folder, then a rename (under torchrun: rank 0 only)."
@@ -382,6 +421,8 @@ STAGE_FILES = {'train-classifier': ('classifier.pt',),
                'pseudo-labels': ('pseudo_masks.pt', 'masks', 'masks.partial', 'summary.json'),
                'train-seg': ('model.pt', 'checkpoint.pt', 'history.json'), 'evaluate': ()}
 RESUMABLE = ('train-classifier', 'mine', 'train-seg')
+_READS = {'train-classifier': ('classifier.pt',), 'mine': ('mining_result.pt',), 'erase': ('mining_result.pt',),
+          'train-seg': ('model.pt',)}    # what the next stage reads (pseudo-labels: masks/ or pseudo_masks.pt)
 _NEW_OUTS = []     # --out folders this command found empty: a failure before they hold more than run.json empties them again
 
 def _take_back():
@@ -398,6 +439,7 @@ def require_upstream(folder, stage, option, also=()) -> tuple:
     if not folder.is_dir(): raise CLIError(f"{option} {folder}: no such folder (expected one written by `multiminer {stage}`)")
     rec = read_run(folder)
     if not rec: raise CLIError(f"{option} {folder} has no {RUN_FILE}: expected a folder written by `multiminer {stage} --out {folder}`")
+    if 'data' not in rec: raise _not_a_run(folder/RUN_FILE, "no data")
     if rec.get('stage') not in (stage,) + tuple(also):
         raise CLIError(f"{option} {folder} holds the output of `multiminer {rec.get('stage')}`, not of "
                        + ' or '.join(f"`multiminer {s}`" for s in (stage,) + tuple(also)))
@@ -405,11 +447,17 @@ def require_upstream(folder, stage, option, also=()) -> tuple:
     if rec.get('finished') is not True:
         how = f"finish it with the same `multiminer {stage} ... --resume` command" if stage in RESUMABLE else \
               f"run `multiminer {stage}` again with --force"
-        raise CLIError(f"{option} {folder}: that `{stage}` run is not finished ({RUN_FILE} says finished: false: it stopped "
+        raise CLIError(f"{option} {folder}: that `{stage}` run is not finished ({RUN_FILE} says finished: "
+                       f"{_show(rec.get('finished'))}: it stopped "
                        f"or failed part-way, so its outputs may be partial or stale); {how}")
     if not rec.get('outputs'):
         raise CLIError(f"{option} {folder}: its {RUN_FILE} records no content hashes (an older multiminer wrote it); "
                        f"run `multiminer {stage}` again")
+    reads = _READS.get(stage) or (('masks',) if (rec.get('data') or {}).get('kind') == 'voc' else ('pseudo_masks.pt',))
+    unhashed = [n for n in reads if n not in rec['outputs']]
+    if unhashed:
+        raise CLIError(f"{folder/RUN_FILE} records no hash of {unhashed[0]}, the file read from {option} {folder}: it was "
+                       f"edited; run `multiminer {stage}` again")
     hashes = {}
     for name, want in rec['outputs'].items():
         p = folder/name
@@ -434,9 +482,15 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
     "Check --out before any work; 'new' (nothing there, or replaced with `force`), or the state of the run `resume` continues."
     out = Path(out)
     if out.exists() and not out.is_dir(): raise CLIError(f"--out {out} is a file, not a folder: choose a folder name")
+    if out.is_symlink() and not out.exists():
+        raise CLIError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist: create that folder, "
+                       f"or choose another --out")
     for option, folder in inputs:
         if _abs(folder) == _abs(out):
             raise CLIError(f"--out {out} is the {option} folder this stage reads: every stage writes a folder of its own")
+        if Path(_abs(folder)) in Path(_abs(out)).parents:
+            raise CLIError(f"--out {out} is inside the {option} folder {folder}: every stage writes a folder of its own, "
+                           f"beside the others; choose another --out")
     if not out.is_dir() or not any(out.iterdir()):
         _NEW_OUTS.append(out); return 'new'
     rec = read_run(out)
@@ -514,6 +568,8 @@ def _say(args, *msg):
 
 def _need(folder, name, made_by):
     p = Path(folder)
+    if p.is_file():
+        raise CLIError(f"{p} is a file: give the folder that holds {name} ({p.parent}, written by `multiminer {made_by}`)")
     if not (p/name).is_file():
         raise CLIError(f"{p} has no {name}: expected a folder written by `multiminer {made_by} --out {p}`")
     return p
@@ -527,6 +583,42 @@ def _load_ck(path, made_by):
         why = ' '.join(str(e).split())[:200] or type(e).__name__
         raise CLIError(f"{path} cannot be read ({type(e).__name__}: {why}): the file is damaged or truncated; run "
                        f"`multiminer {made_by}` again (with --force) to write it anew") from None
+
+@contextlib.contextmanager
+def _reading(path, made_by):
+    "Around the code that uses a loaded checkpoint: data of another structure (a list, a missing key, tensors of other shapes) is a CLIError naming `path`."
+    try: yield
+    except CLIError: raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
+        why = ' '.join(str(e).split())[:240] or type(e).__name__
+        raise CLIError(f"{path} does not hold what `multiminer {made_by}` writes ({type(e).__name__}: {why}): it was "
+                       f"replaced or edited; run `multiminer {made_by}` again (with --force) to write it anew") from None
+
+def _check_finite(module, path, made_by):
+    "Refuse a network whose weights hold nan or inf: nothing it computes would mean anything."
+    bad = next((k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CLIError(f"{path} holds non-finite weights (nan or inf in {bad}): its training diverged or the file was "
+                       f"edited; run `multiminer {made_by}` again (with --force)")
+
+@contextlib.contextmanager
+def _kept_rng():
+    "Leave the random generators (torch, Python, numpy) as they were: a trial resume sets them from the checkpoint."
+    import numpy as np
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try: yield
+    finally: torch.set_rng_state(states[0]); random.setstate(states[1]); np.random.set_state(states[2])
+
+def _try_resume(path, made_by, restore):
+    "Before any work: `restore(checkpoint)` does on the CPU what the stage will do with it when resuming; what does not fit is named."
+    from multiminer.models import load_checkpoint
+    ck = _load_ck(path, made_by)
+    with _reading(path, made_by), _kept_rng():
+        if not isinstance(ck, dict): raise TypeError(f"a {type(ck).__name__}, not a dict of weights and states")
+        restore(ck)
+        if not isinstance(ck['epoch'] if 'epoch' in ck else 0, int) or not isinstance(ck.get('history', []), list):
+            raise TypeError(f"epoch {_show(ck.get('epoch'))} and history of type {type(ck.get('history')).__name__}, "
+                            f"not an integer and a list")
 
 # %% ../nbs/11_cli.ipynb #75fd356e
 def _demo_kw(args, marker):
@@ -570,6 +662,17 @@ def _plural(n, word): return f"{n} {word}{'' if n == 1 else 's'}"
 
 def _over(**kw): return {k: v for k, v in kw.items() if v is not None}
 
+def _classifier_restore(cfg, ds):
+    "What train_classifier does with its checkpoint when resuming (for `_try_resume`), on the CPU."
+    from dataclasses import replace
+    from multiminer.classifier import build_classifier, make_optimizer, _n_classes, _set_rng_state
+    def restore(ck):
+        clf = build_classifier(replace(cfg, pretrained=False, weights_path=None), _n_classes(ds))
+        opt, sched = make_optimizer(cfg, clf)
+        clf.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
+        _set_rng_state(ck['rng'])
+    return restore
+
 def cmd_train_classifier(args, argv=()):
     "`multiminer train-classifier`: stage 0 (classifier.train_classifier)."
     from dataclasses import asdict, replace
@@ -590,7 +693,7 @@ def cmd_train_classifier(args, argv=()):
     now = dict(config=asdict(cfg), data_fingerprint=fp, inputs={})
     if state != 'new':
         check_resume(out, dict(now, input_size=input_size), ignore=('epochs', 'num_workers', 'weights_path'))
-        if (out/CHECKPOINT_NAME).is_file(): _load_ck(out/CHECKPOINT_NAME, 'train-classifier')
+        if (out/CHECKPOINT_NAME).is_file(): _try_resume(out/CHECKPOINT_NAME, 'train-classifier', _classifier_restore(cfg, ds))
     write_run(out, 'train-classifier', argv, preset, spec, input_size, seed=seed, finished=False, **now)
     _say(args, f"train-classifier: {len(ds)} images ({spec['kind']}), preset {preset}: {cfg.extractor} extractor, "
          f"{cfg.input_size}px inputs, {cfg.epochs} epochs, batch {cfg.batch_size}, on {args.device}")
@@ -621,7 +724,30 @@ def load_mining_result(folder):
     if p.is_dir(): p = _need(p, 'mining_result.pt', 'mine')/'mining_result.pt'
     d = _load_ck(p, 'mine')
     keys = {f.name for f in dataclasses.fields(MiningResult)}
-    return MiningResult(**{k: d[k] for k in keys}), {k: v for k, v in d.items() if k not in keys}
+    with _reading(p, 'mine'):
+        if not isinstance(d, dict): raise TypeError(f"a {type(d).__name__}, not a dict")
+        res, extra = MiningResult(**{k: d[k] for k in keys}), {k: v for k, v in d.items() if k not in keys}
+        _check_mining_result(res, extra['labels'], extra['names'])
+    return res, extra
+
+def _check_mining_result(r, labels, names):
+    "A ValueError unless the fields of a mining result have the types and shapes `mine` writes, and its objects lie in its images and classes."
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not (is_int(r.n_images) and is_int(r.n_classes)): raise ValueError(f"n_images {r.n_images!r}, n_classes {r.n_classes!r}")
+    if not all(torch.is_tensor(t) for t in (r.objects, r.steps, r.merged, labels)):
+        raise ValueError("objects, steps, merged and labels must be tensors")
+    n = len(r.objects)
+    if r.objects.dtype != torch.int64 or r.objects.shape != (n, 2) or r.steps.shape != (n,) or r.merged.ndim != 3 \
+            or len(r.merged) != n or not r.merged.is_floating_point() or labels.shape != (r.n_images, r.n_classes):
+        raise ValueError(f"objects {tuple(r.objects.shape)} {r.objects.dtype}, steps {tuple(r.steps.shape)}, merged "
+                         f"{tuple(r.merged.shape)} {r.merged.dtype}, labels {tuple(labels.shape)}: not (n, 2) int64, (n,), "
+                         f"(n, h, w) float, ({r.n_images}, {r.n_classes})")
+    if n and not ((0 <= r.objects).all() and (r.objects[:, 0] < r.n_images).all() and (r.objects[:, 1] < r.n_classes).all()):
+        raise ValueError(f"objects name images or classes outside 0..{r.n_images - 1}, 0..{r.n_classes - 1}")
+    if not (isinstance(names, list) and len(names) == r.n_images and all(isinstance(s, str) for s in names)):
+        raise ValueError(f"names must be a list of {r.n_images} image ids")
+    if not isinstance(r.history, list): raise ValueError(f"history is a {type(r.history).__name__}, not a list")
+
 
 def _feature_bank(clf, images, cfg, cache_dir, key, device, progress):
     "A FeatureBank with every scale extracted now; cached scales are reused only when their marker matches `key`."
@@ -698,7 +824,8 @@ def _frozen_classifier(args, r):
     "The classifier of `r` (an `_on_classifier` record) loaded (a damaged or crafted file named, nothing run), checked and frozen; the images, labels and ids to mine."
     from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
     _load_ck(r.clf_dir/CHECKPOINT_NAME, 'train-classifier')
-    clf = load_classifier(r.clf_dir, device=args.device)
+    with _reading(r.clf_dir/CHECKPOINT_NAME, 'train-classifier'): clf = load_classifier(r.clf_dir, device=args.device)
+    _check_finite(clf, r.clf_dir/CHECKPOINT_NAME, 'train-classifier')
     if clf.n_classes != r.ds.n_classes:
         raise CLIError(f"the classifier in {r.clf_dir} has {clf.n_classes} classes but the data has {r.ds.n_classes}")
     images, labels = _mining_inputs(args, r.spec, r.ds)
@@ -734,6 +861,8 @@ def cmd_mine(args, argv=()):
         _check_fig6_flags(out, flags)
         if (out/'mining_state.pt').is_file(): _load_ck(out/'mining_state.pt', 'mine')
     clf, images, labels, names = _frozen_classifier(args, r)
+    if r.state != 'new' and (out/'mining_state.pt').is_file():    # what MultiMiner.run(resume=True) will load
+        _try_resume(out/'mining_state.pt', 'mine', lambda ck: MultiMiner(clf.modulator, cfg, device=args.device).load(out/'mining_state.pt'))
     write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=False, **now, **flags)
     _say(args, f"mine: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: scales "
          f"{cfg.scales}, batches {cfg.batch_sizes}, at most {cfg.max_steps} steps, on {args.device}")
@@ -850,13 +979,28 @@ def _save_png(mask, path):
     tmp = Path(str(path) + '.tmp.png'); im.save(tmp); os.replace(tmp, path)
 
 # %% ../nbs/11_cli.ipynb #842b5d08
-def _check_saliency_folder(folder, names):
-    "All missing saliency maps are reported now, with their count, not at image 5000."
+SALIENCY_MODES = ('1', 'L', 'LA', 'P', 'RGB', 'RGBA')    # 8-bit pictures; 16-bit or float ones would be clipped to 0..255
+
+def _check_saliency_folder(folder, names, size_of=None):
+    "All missing saliency maps are reported now, with their count, not at image 5000; then each map's header: readable, 8-bit, the size `size_of(i)` (H, W) of its image."
+    from PIL import Image
     if not Path(folder).is_dir():
         raise CLIError(f"--saliency {folder}: no such folder (expected one grey-scale PNG per image, named <image id>.png)")
     missing = [n for n in names if not (Path(folder)/f"{n}.png").is_file()]
     if missing: raise CLIError(f"{len(missing)} of {len(names)} saliency maps are missing from {folder}, first: "
                                f"{missing[0]}.png")
+    for i, n in enumerate(names if size_of is not None else ()):
+        p = Path(folder)/f"{n}.png"
+        try:
+            with Image.open(p) as im: mode, (w, h) = im.mode, im.size
+        except Exception as e: raise CLIError(f"the saliency map {p} cannot be read ({' '.join(str(e).split())[:160]}): "
+                                              f"replace it with an intact grey-scale PNG") from None
+        if mode not in SALIENCY_MODES:
+            raise CLIError(f"the saliency map {p} is a mode-{mode} image: saliency maps are 8-bit grey-scale PNGs "
+                           f"(foreground bright, 0..255); convert it")
+        if (h, w) != tuple(size_of(i)):
+            raise CLIError(f"the saliency map {p} is {(h, w)} (H, W) but its image is {tuple(size_of(i))}: it is the map "
+                           f"of another image; give the saliency maps of these images")
 
 def cmd_pseudo_labels(args, argv=()):
     "`multiminer pseudo-labels`: pseudo masks (pseudo.pseudo_masks / crf_refine) from a mining result, and their mIoU."
@@ -880,7 +1024,10 @@ def cmd_pseudo_labels(args, argv=()):
     if steps < len(result.history): result = snapshot_result(result, mining, steps)
     if len(ds) != len(names) or (spec['kind'] == 'voc' and list(ds.names) != list(names)):
         raise CLIError(f"{len(ds)} images under the data options but {len(names)} were mined in {mining}")
-    if args.saliency is not None: _check_saliency_folder(args.saliency, names)
+    if args.saliency is not None:
+        from multiminer.data import image_file_size
+        _check_saliency_folder(args.saliency, names, (lambda i: image_file_size(ds.image_paths[i])) if spec['kind'] == 'voc'
+                               else (lambda i: tuple(ds.images.shape[-2:])))
     fields = DemoSettings.__dataclass_fields__
     crf_bg = fields['bg_fixed_erasing_crf' if up['stage'] == 'erase' else 'bg_multiminer_crf'].default   # the demo's, per method
     bg = args.bg_threshold if args.bg_threshold is not None else round(crf_bg if args.crf else result.bg_threshold, 6)
@@ -904,7 +1051,10 @@ def cmd_pseudo_labels(args, argv=()):
     def jobs():
         for i in range(N):
             image, gt = get(i); gts.append(gt)
-            sal = None if args.saliency is None else load_saliency(args.saliency, [names[i]], size=tuple(image.shape[-2:]))[0]
+            try: sal = None if args.saliency is None else load_saliency(args.saliency, [names[i]], size=tuple(image.shape[-2:]))[0]
+            except (OSError, ValueError) as e:
+                raise CLIError(f"the saliency map {Path(args.saliency)/names[i]}.png cannot be read ({' '.join(str(e).split())[:160]}): "
+                               f"replace it with an intact grey-scale PNG") from None
             yield image, _image_strength(result, i), labels[i], bg, sal, args.saliency_threshold, args.crf
     conf, t0, masks, n_ignored, n_px = torch.zeros(K, K, dtype=torch.long), time.time(), [], 0, 0
     partial = out/'masks.partial'      # VOC masks: renamed to masks/ once all are written
@@ -958,7 +1108,11 @@ def snapshot_result(result, folder, t):
     import dataclasses
     p = snapshot_path(folder, t)
     d = _load_ck(p, 'mine')
-    if d.get('step') != t or not torch.equal(d['objects'], result.objects) or d['merged'].shape != result.merged.shape:
+    with _reading(p, 'mine'):
+        if not isinstance(d, dict): raise TypeError(f"a {type(d).__name__}, not a dict")
+        fits = d.get('step') == t and torch.equal(d['objects'], result.objects) and d['merged'].shape == result.merged.shape \
+            and d['merged'].dtype == torch.uint8 and d['steps'].shape == result.steps.shape
+    if not fits:
         raise CLIError(f"{p} is not step {t} of the mining result beside it: run `multiminer mine --snapshots` again")
     return dataclasses.replace(result, merged=d['merged'].float() / 255, steps=d['steps'], history=result.history[:t],
                                probs=None if result.probs is None else result.probs[:t], stop_reason=None)
@@ -1005,6 +1159,9 @@ def _check_steps(t, up, folder):
                        f"mine again with --snapshots (into a new --out, or with --force)")
     n = up.get('steps_run') or 0
     if t > n: raise CLIError(f"--steps {t}: the mining run in {folder} ran {_plural(n, 'step')}; choose T in 1..{n}")
+    if f"{SNAPSHOTS}/step_{t}.pt" not in up['outputs']:
+        raise CLIError(f"--steps {t}: {folder/RUN_FILE} records no hash of {SNAPSHOTS}/step_{t}.pt: it was edited; run "
+                       f"`multiminer mine --snapshots` again")
 
 # %% ../nbs/11_cli.ipynb #b1c59e82
 class PseudoMaskDataset(Dataset):
@@ -1015,12 +1172,34 @@ class PseudoMaskDataset(Dataset):
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(base.names)} pseudo masks are missing from "
                                     f"{self.mask_dir}, first: {missing[0]}.png (run `multiminer pseudo-labels`)")
+        links = [n for n in base.names if (self.mask_dir/f"{n}.png").is_symlink()]
+        if links: raise CLIError(f"{self.mask_dir/links[0]}.png is a symbolic link (to {os.readlink(self.mask_dir/f'{links[0]}.png')}): "
+                                 f"pseudo-labels writes plain files; run `multiminer pseudo-labels` again")
     def __len__(self): return len(self.base)
     def __getitem__(self, i):
         import numpy as np, torch
         from multiminer.data import read_mask_file
-        mask = torch.from_numpy(read_mask_file(self.mask_dir/f"{self.base.names[i]}.png").astype(np.int64))
-        return _voc_image(self.base, i), mask
+        p, image = self.mask_dir/f"{self.base.names[i]}.png", _voc_image(self.base, i)
+        mask = read_mask_file(p)
+        if mask.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"the pseudo mask {p} is {mask.shape} (H, W) but its image {self.base.image_paths[i]} is "
+                             f"{tuple(image.shape[-2:])}: run `multiminer pseudo-labels` again")
+        bad = (mask > self.base.n_classes) & (mask != 255)
+        if bad.any(): raise ValueError(f"the pseudo mask {p} holds {mask[bad].flat[0]}, not a class index "
+                                       f"0..{self.base.n_classes} or 255: run `multiminer pseudo-labels` again")
+        return image, torch.from_numpy(mask.astype(np.int64))
+
+def _seg_restore(cfg):
+    "What train_segmentation does with checkpoint.pt when resuming (for `_try_resume`), on the CPU."
+    from multiminer.segmentation import build_segmentation_model, _check_same_run, _param_groups, _set_rng_state
+    def restore(ck):
+        _check_same_run(ck['config'], cfg, 'checkpoint.pt')
+        model = build_segmentation_model(cfg, pretrained=False, progress=False)
+        opt = torch.optim.SGD(_param_groups(model, cfg.lr, cfg.last_layer_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
+        torch.amp.GradScaler('cuda', enabled=False).load_state_dict(ck['scaler']); _set_rng_state(ck['rng'], torch.device('cpu'))
+    return restore
 
 def cmd_train_seg(args, argv=()):
     "`multiminer train-seg`: segmentation.train_segmentation on the images and their pseudo masks."
@@ -1047,13 +1226,19 @@ def cmd_train_seg(args, argv=()):
     check_same_data(up, spec, fp, '--pseudo', pseudo)
     if spec['kind'] == 'voc': pairs, masks = PseudoMaskDataset(ds, pseudo/'masks'), None
     else:
-        pairs, masks = ds.images, _load_ck(pseudo/'pseudo_masks.pt', 'pseudo-labels').long()
+        pm = pseudo/'pseudo_masks.pt'; masks = _load_ck(pm, 'pseudo-labels')
+        with _reading(pm, 'pseudo-labels'):
+            if not (torch.is_tensor(masks) and masks.dtype == torch.uint8):
+                raise TypeError(f"{type(masks).__name__} {getattr(masks, 'dtype', '')}, not a uint8 tensor of class indices")
+            bad = (masks >= n_classes) & (masks != 255)
+            if bad.any(): raise ValueError(f"it holds {int(masks[bad][0])}, not a class index 0..{n_classes - 1} or 255")
+        pairs, masks = ds.images, masks.long()
         if masks.shape != ds.masks.shape:
             raise CLIError(f"pseudo masks {tuple(masks.shape)} in {pseudo} do not fit the images {tuple(ds.images.shape)}")
     now = dict(config=cfg.to_dict(), data_fingerprint=fp, inputs=dict(pseudo=dict(folder=_abs(pseudo), files=hashes)))
     if state != 'new':
         check_resume(out, dict(now, input_size=input_size), ignore=('num_workers', 'weights_path'))
-        if (out/'checkpoint.pt').is_file(): _load_ck(out/'checkpoint.pt', 'train-seg')
+        if (out/'checkpoint.pt').is_file(): _try_resume(out/'checkpoint.pt', 'train-seg', _seg_restore(cfg))
     write_run(out, 'train-seg', argv, preset, spec, input_size, seed=seed, finished=False, **now)
     _say(args, f"train-seg: {model} on {len(pairs)} images with pseudo masks ({spec['kind']}), preset {preset}: "
          f"{cfg.epochs} epochs, batch {cfg.batch_size}, crops {cfg.crop_size}, on {args.device}")
@@ -1127,7 +1312,8 @@ def cmd_evaluate(args, argv=()):
         ds = _synthetic(spec, args.split, args.n_val)
         images, masks, class_names = ds.images, ds.masks, ['background'] + ds.class_names
     _load_ck(seg/'model.pt', 'train-seg')
-    model = load_segmentation_model(seg, device=args.device)
+    with _reading(seg/'model.pt', 'train-seg'): model = load_segmentation_model(seg, device=args.device)
+    _check_finite(model, seg/'model.pt', 'train-seg')
     if model.n_classes != len(class_names):
         raise CLIError(f"the network in {seg} has {model.n_classes} outputs but the data has {len(class_names)} classes "
                        f"(background included)")

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'VOC_PALETTE', 'VOC_URL', 'SBD_URL', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'labels_from_mask', 'colorize_mask', 'SyntheticShapes', 'SyntheticScenes', 'cam_coverage',
-           'coverage_by_size', 'read_image_file', 'read_mask_file', 'image_file_size', 'VOCSegDataset', 'voc_dataset',
-           'voc_transforms', 'make_voc_fixture']
+           'coverage_by_size', 'read_image_file', 'read_mask_file', 'image_file_size', 'VOCSegDataset',
+           'read_split_list', 'voc_dataset', 'voc_transforms', 'make_voc_fixture']
 
 # %% ../nbs/01_data.ipynb #0c453a49
 import math, numbers, time
@@ -778,7 +778,13 @@ def _resolve_roots(root, sbd_root):
 def _read_sbd_mask(path):
     "The class-index image of an SBD .mat file, read as torchvision's SBDataset does."
     from scipy.io import loadmat
-    return np.asarray(loadmat(path)['GTcls'][0]['Segmentation'][0])
+    mat = loadmat(path)
+    try: return np.asarray(mat['GTcls'][0]['Segmentation'][0])
+    except (KeyError, IndexError, ValueError, TypeError) as e:   # a MATLAB file, but not SBD's struct
+        raise _NotAMask(f"it holds {sorted(k for k in mat if not k.startswith('__'))}, not the struct GTcls.Segmentation "
+                        f"of SBD's cls/*.mat files") from None
+
+class _NotAMask(ValueError): "A readable file that is not a mask of class indices."
 
 def _unreadable(kind, path, e):
     why = ' '.join(str(e).split()) or type(e).__name__
@@ -793,12 +799,19 @@ def read_image_file(path) -> np.ndarray:
     except Exception as e: raise _unreadable('image', path, e) from None
 
 def read_mask_file(path) -> np.ndarray:
-    "A mask file (PNG of class indices, or SBD's .mat) as an (H, W) array; a damaged file is a `ValueError` that names it."
+    "A mask file (PNG of class indices, or SBD's .mat) as an (H, W) array; a damaged file, or one that is not one channel of class indices (an RGB picture), is a `ValueError` that names it."
     from PIL import Image
     try:
-        if str(path).endswith('.mat'): return _read_sbd_mask(str(path))
-        with Image.open(path) as im: return np.asarray(im)
+        if str(path).endswith('.mat'): mask = _read_sbd_mask(str(path))
+        else:
+            with Image.open(path) as im: mask, mode = np.asarray(im), im.mode
+    except _NotAMask as e: raise ValueError(f"the mask {path} is not a mask: {e}") from None
     except Exception as e: raise _unreadable('mask', path, e) from None
+    if mask.ndim != 2:
+        raise ValueError(f"the mask {path} has shape {mask.shape}{'' if str(path).endswith('.mat') else f' (mode {mode})'}, "
+                         f"not (H, W): a mask is one channel of class indices (a palette or grey-scale PNG, as in VOC's "
+                         f"SegmentationClass), not a colour picture; convert its colours to class indices")
+    return mask
 
 def image_file_size(path) -> tuple:
     "(H, W) of an image file from its header alone (nothing is decoded)."
@@ -824,16 +837,25 @@ class VOCSegDataset(Dataset):
             raise ValueError(f"image {self.names[i]}: its mask {self.mask_paths[i]} is {tuple(mask_shape)} (H, W) but "
                              f"the image {self.image_paths[i]} is {tuple(image_shape)}: a mask must have its image's size")
 
+    def _check_values(self, i, mask):
+        "A mask holds 0 (background), 1..20 (classes) or 255 (ignore), as whole numbers; else a `ValueError` naming its file."
+        bad = ((mask < 0) | (mask > self.n_classes)) & (mask != IGNORE_INDEX)
+        if mask.dtype.kind == 'f': bad |= mask != np.round(mask)
+        if bad.any():
+            raise ValueError(f"image {self.names[i]}: its mask {self.mask_paths[i]} holds {mask[bad].flat[0]:g} at "
+                             f"{int(bad.sum())} pixels, but a mask's values must be 0 (background), 1..{self.n_classes} "
+                             f"(classes) or {IGNORE_INDEX} (ignore): replace the file with a mask of class indices")
+
     def load_mask(self, i):
-        "Mask (H, W) int64 of item `i`, checked against its image's size (read from the image's header only)."
+        "Mask (H, W) int64 of item `i`, checked against its image's size (read from the image's header only) and for values that are no class."
         mask = read_mask_file(self.mask_paths[i])
-        self._check_size(i, mask.shape, image_file_size(self.image_paths[i]))
+        self._check_size(i, mask.shape, image_file_size(self.image_paths[i])); self._check_values(i, mask)
         return torch.from_numpy(mask.astype(np.int64))
 
     def load(self, i):
         "Image (H, W, 3) uint8 and mask (H, W) int64 of item `i`, untransformed."
         image, mask = read_image_file(self.image_paths[i]), read_mask_file(self.mask_paths[i])
-        self._check_size(i, mask.shape, image.shape[:2])
+        self._check_size(i, mask.shape, image.shape[:2]); self._check_values(i, mask)
         return image, torch.from_numpy(mask.astype(np.int64))
 
     def __getitem__(self, i):
@@ -849,9 +871,37 @@ class VOCSegDataset(Dataset):
     def __repr__(self): return f"{type(self).__name__}(split={self.split!r}, {len(self)} images)"
 
 # %% ../nbs/01_data.ipynb #3414aca6
+def read_split_list(path) -> list:
+    "The image ids of a split file, one per line; spaces around an id, Windows line ends and blank lines are allowed, a repeated id or one with a folder in it is a `ValueError` naming the file and line."
+    try: text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e: raise ValueError(f"cannot read the split list {path} ({e})") from None
+    ids, line_of = [], {}
+    for k, line in enumerate(text.splitlines(), 1):
+        n = line.strip()
+        if not n: continue
+        if n in line_of:
+            raise ValueError(f"{path}: the id {n!r} is listed twice (lines {line_of[n]} and {k}): an image would count "
+                             f"twice; remove the repeated line")
+        if '/' in n or '\\' in n:
+            raise ValueError(f"{path}, line {k}: {n!r} is not an image id (ids name files of the image folder, without "
+                             f"folders): fix the line")
+        line_of[n] = k; ids.append(n)
+    return ids
+
+def _check_listed_files(split, lists, names, *paths):
+    "Every listed image and mask exists, all counted now (not found one at a time, part-way through a stage)."
+    if not names:
+        raise ValueError(f"split {split!r} has no images: {' and '.join(map(str, lists))} list none; put the image ids "
+                         f"in the list, one per line")
+    for what, ps in zip(('images', 'masks'), paths):
+        missing = [p for p in ps if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(ps)} {what} of split {split!r} (ids from "
+                                    f"{' and '.join(map(str, lists))}) are missing, first: {missing[0]}; restore them, "
+                                    f"or remove their ids from the list")
+
 def voc_dataset(root, split: str = 'train_aug', transform=None, sbd_root=None) -> VOCSegDataset:
     "PASCAL VOC 2012 `split` ('train_aug', 'train' or 'val') from the data root holding VOCdevkit/ (and benchmark_RELEASE/ for train_aug); items (image, labels, mask)."
-    from torchvision.datasets import VOCSegmentation, SBDataset
     if split not in ('train_aug', 'train', 'val'):
         raise ValueError(f"voc_dataset: split must be 'train_aug', 'train' or 'val'; got {split!r}")
     root, sbd = _resolve_roots(root, sbd_root)
@@ -861,21 +911,25 @@ def voc_dataset(root, split: str = 'train_aug', transform=None, sbd_root=None) -
     if split == 'train_aug': need += [sbd/'img', sbd/'cls', sbd/'train.txt', sbd/'val.txt']
     for p in need:
         if not p.exists(): raise _voc_layout_error(root, p, split)
-    sets = {s: VOCSegmentation(str(root), year='2012', image_set=s, download=False) for s in ('train', 'val')}
+    lists = {s: voc/'ImageSets'/'Segmentation'/f"{s}.txt" for s in ('train', 'val')}
+    voc_files = lambda n: (str(voc/'JPEGImages'/f"{n}.jpg"), str(voc/'SegmentationClass'/f"{n}.png"))  # torchvision's paths
     if split != 'train_aug':
-        d = sets[split]
-        names = [Path(p).stem for p in d.images]
-        return VOCSegDataset(names, d.images, d.masks, split, transform)
-    val = {Path(p).stem for p in sets['val'].images}
-    entries = {Path(img).stem: (img, m) for img, m in zip(sets['train'].images, sets['train'].masks)}
-    for d in (SBDataset(str(sbd), image_set=s, mode='segmentation', download=False) for s in ('train', 'val')):
-        for img, m in zip(d.images, d.masks):
-            entries.setdefault(Path(img).stem, (img, m))
+        names = read_split_list(lists[split])
+        images, masks = zip(*map(voc_files, names)) if names else ((), ())
+        _check_listed_files(split, [lists[split]], names, images, masks)
+        return VOCSegDataset(names, images, masks, split, transform)
+    val = set(read_split_list(lists['val']))
+    entries = {n: voc_files(n) for n in read_split_list(lists['train'])}
+    for s in ('train', 'val'):                      # SBD's lists, as torchvision's SBDataset reads them
+        for n in read_split_list(sbd/f"{s}.txt"):
+            entries.setdefault(n, (str(sbd/'img'/f"{n}.jpg"), str(sbd/'cls'/f"{n}.mat")))
     names = sorted(n for n in entries if n not in val)
     aug = voc/'SegmentationClassAug'
     if aug.is_dir():
         entries = {n: (img, aug/f"{n}.png" if (aug/f"{n}.png").exists() else m) for n, (img, m) in entries.items()}
-    return VOCSegDataset(names, [entries[n][0] for n in names], [entries[n][1] for n in names], split, transform)
+    images, masks = [entries[n][0] for n in names], [entries[n][1] for n in names]
+    _check_listed_files(split, [lists['train'], sbd/'train.txt', sbd/'val.txt'], names, images, masks)
+    return VOCSegDataset(names, images, masks, split, transform)
 
 # %% ../nbs/01_data.ipynb #8d13d5b3
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
