@@ -611,7 +611,6 @@ def _kept_rng():
 
 def _try_resume(path, made_by, restore):
     "Before any work: `restore(checkpoint)` does on the CPU what the stage will do with it when resuming; what does not fit is named."
-    from multiminer.models import load_checkpoint
     ck = _load_ck(path, made_by)
     with _reading(path, made_by), _kept_rng():
         if not isinstance(ck, dict): raise TypeError(f"a {type(ck).__name__}, not a dict of weights and states")
