@@ -45,6 +45,7 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9               # SGD only
     hflip: bool = False                 # random horizontal flips (VOC augmentation belongs to the data transform)
+    amp: bool = True                    # on CUDA: fp16 autocast + GradScaler, channels_last; ignored on the CPU
     seed: int = 0
     num_workers: int = 0
 
@@ -163,6 +164,9 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
     from multiminer.features import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     n_classes, device = _n_classes(dataset), torch.device(device)
     clf = build_classifier(cfg, n_classes).to(device)
+    use_amp = cfg.amp and device.type == 'cuda'      # mixed precision, and NHWC for the tensor cores' convolutions
+    if use_amp: clf = clf.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler('cuda', enabled=use_amp)
     if world_size() > 1: global_batch_layers(clf)   # batch statistics of the whole batch (14_distributed)
     opt, sched = make_optimizer(cfg, clf)
     ckpt, start = (Path(out_dir)/CHECKPOINT_NAME if out_dir is not None else None), 0
@@ -174,6 +178,7 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
             if changed: warnings.warn(f"resuming with a configuration that differs from the checkpoint's in {sorted(changed)}")
             clf.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
             _set_rng_state(ck['rng']); clf.history, start = ck['history'], ck['epoch']
+            if ck.get('scaler'): scaler.load_state_dict(ck['scaler'])
             if progress and is_main(): print(f"resuming from {ckpt} after epoch {start}")
         elif progress and is_main(): print(f"no checkpoint at {ckpt}; starting from scratch")
     progress, net, n = progress and is_main(), ddp(clf), len(dataset)
@@ -189,9 +194,11 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
                                                               leave=False, unit='batch')):
             n_global = min(cfg.batch_size, n - j * cfg.batch_size)           # the whole batch, over all ranks
             x, y = _prepare(images, cfg, device, train=True, n_global=n_global), labels.to(device).float()
-            logits = net(x)
+            if use_amp: x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp): logits = net(x)
+            logits = logits.float()
             loss = global_mean(loss_fn(logits, y), len(y), n_global)  # L_cls, Eq. 2
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            opt.zero_grad(set_to_none=True); scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
             with torch.no_grad():
                 right = (logits > 0) == (y > 0.5)
                 tot_loss += loss.item() * n_global / world_size(); n_img += len(y)
@@ -209,7 +216,7 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix('.tmp')
             torch.save(dict(model=clf.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            epoch=epoch + 1, rng=_rng_state(), config=asdict(cfg), n_classes=n_classes,
+                            scaler=scaler.state_dict(), epoch=epoch + 1, rng=_rng_state(), config=asdict(cfg), n_classes=n_classes,
                             history=clf.history), tmp)
             os.replace(tmp, ckpt)
     barrier()   # no rank goes on before rank 0 has written the checkpoint

@@ -170,7 +170,7 @@ class SegConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     ignore_index: int = 255
-    amp: bool = True                      # fp16 autocast + GradScaler; only used on CUDA
+    amp: bool = True                      # fp16 autocast + GradScaler, channels_last; only used on CUDA
     num_workers: int = 0
     seed: int = 0
 
@@ -352,6 +352,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
         if model is None: model = build_segmentation_model(cfg, pretrained=cfg.pretrained and ckpt is None,
                                                            progress=progress)
         model.to(device)
+        if use_amp: model = model.to(memory_format=torch.channels_last)   # NHWC: what fp16 tensor-core convolutions want
         opt = torch.optim.SGD(_param_groups(model, cfg.lr, cfg.last_layer_lr_mult), lr=cfg.lr,
                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler('cuda', enabled=use_amp)
@@ -378,6 +379,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
                 it = epoch * per_epoch + j
                 for grp in opt.param_groups: grp['lr'] = poly_lr(cfg.lr, it, total, cfg.poly_power) * grp['lr_mult']
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if use_amp: x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     loss = global_mean(_seg_loss(net(x), y, cfg.ignore_index), int((y != cfg.ignore_index).sum()))
                 opt.zero_grad(set_to_none=True)
