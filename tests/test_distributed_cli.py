@@ -75,3 +75,13 @@ def test_other_stages_refuse_torchrun(chain):
     code, err = torchrun('pseudo-labels', '--mining', chain/'m1', '--out', chain/'p2')
     assert code != 0 and 'runs in one process' in err
     assert not (chain/'p2').exists()
+
+
+def test_mining_resumed_on_two_ranks_matches_one_uninterrupted_process(chain):
+    "One step on two ranks, then `--resume` to three on two ranks: the decisions of one process mining three steps at once."
+    for steps, more in ((1, ()), (3, ('--resume',))):
+        code, err = torchrun('mine', '--classifier', chain/'c1', '--max-steps', steps, '--out', chain/'m3', *more)
+        assert code == 0, err
+    (r1, _), (r3, _) = load_mining_result(chain/'m1'), load_mining_result(chain/'m3')
+    assert torch.equal(r1.steps, r3.steps) and torch.equal(r1.stop_reason, r3.stop_reason) and len(r3.history) == 3
+    assert float((r1.merged - r3.merged).abs().mean()) < 1e-3
