@@ -200,7 +200,7 @@ def generator_step_loss(self:MultiMiner, Ft, y, modulator=None, generator=None):
     # L_cls(F~^t) on the positive categories: the generator wins when the modulator stops recognising them
     cls = F.binary_cross_entropy_with_logits(s, torch.ones_like(s)) if len(s) else Mt.sum() * 0
     reg = size_regularizer(Mt, y, normalize=self.cfg.normalize_reg)      # L_reg, Eq. 5
-    if world_size() > 1: cls, reg = global_mean(cls, len(s)), global_mean(reg, len(y))   # means over the whole batch
+    cls, reg = global_mean(cls, len(s)), global_mean(reg, len(y))   # means over the whole batch (as they are, in one process)
     return generator_loss(cls, reg, self.cfg.lam), cls.detach(), reg.detach()
 
 @patch
@@ -246,8 +246,7 @@ def generate(self:MultiMiner, feats, masks, objects, bs):
     "Stage 3: region maps M_j^t of the updated generator, and the judge's p(j | F^t), for each object. Under `torchrun` each rank computes its share of the images and every rank receives all maps."
     self.generator.eval()
     for m in self.modulators: m.eval()
-    several = world_size() > 1
-    maps = (torch.zeros if several else torch.ones)((len(objects),) + tuple(feats.shape[-2:]))
+    maps = torch.zeros((len(objects),) + tuple(feats.shape[-2:]))   # every row is filled below, by exactly one rank
     probs = torch.zeros(len(objects))
     if len(objects) == 0: return maps, probs
     imgs = objects[:, 0].unique()
@@ -261,7 +260,7 @@ def generate(self:MultiMiner, feats, masks, objects, bs):
         sel = (objects[:, 0][:, None] == idx[None]).any(1)
         o = objects[sel]
         maps[sel], probs[sel] = M[row[o[:, 0]], o[:, 1]], p[row[o[:, 0]], o[:, 1]]
-    if several: all_sum(maps), all_sum(probs)           # each row was filled by exactly one rank: the sum is a copy
+    all_sum(maps), all_sum(probs)                        # the other ranks' rows (a copy: theirs are 0 here); one process: as is
     return maps, probs
 
 # %% ../nbs/05_mining.ipynb #d91cc651
