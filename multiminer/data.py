@@ -425,10 +425,10 @@ class SyntheticScenes(Dataset):
                  min_visible=0.6,                 # placement keeps (in a disc model) this share of each object visible
                  body_regions=(1, 3),             # body sub-regions per object
                  part_fraction=(0.08, 0.2),       # area of the discriminative part / area of the object
-                 body_hue_jitter=0.8,             # body hue = class body hue +- this fraction of the hue spacing
+                 body_hue_jitter=0.4,             # body hue = class body hue +- this fraction of the hue spacing
                  body_saturation=(0.2, 0.6),      # of bodies, body-like background and clutter (parts: 1)
                  body_value=(0.3, 0.85),          # their brightness
-                 body_texture_bias=0.6,           # probability that a body region wears its class's texture family
+                 body_texture_bias=0.8,           # probability that a body region wears its class's texture family
                  body_texture_contrast=(0.1, 0.35),  # amplitude of the body textures (relative brightness)
                  background_texture_contrast=(0.1, 0.4),
                  background_body_overlap=0.5,     # probability that a background region has a body-like colour
