@@ -215,11 +215,11 @@ def test_erase_then_pseudo_labels(tmp_path):
     cfg = S.erasing; cfg.steps = 2
     er = fixed_erasing(clf.modulator, FeatureBank(clf.extractor, ds.images, cfg.scales), ds.labels, cfg, progress=False)
     assert torch.allclose(res.strength(), er.strength * (ds.labels > 0.5)[..., None, None], atol=1e-5)
-    assert (res.steps == 2).all() and abs(res.bg_threshold - 0.2) < 1e-9
+    assert (res.steps == 2).all() and abs(res.bg_threshold - S.bg_fixed_erasing) < 1e-9   # the demo's threshold for erasing
     summary = json.loads((tmp_path/'e'/'summary.json').read_text())      # valid JSON (no NaN)
     assert summary['steps'] == 2 and summary['history'][0]['modulator_loss'] is None
     assert run_cli('pseudo-labels', '--mining', tmp_path/'e', '--out', tmp_path/'p', '--quiet')[0] == 0
-    assert read_run(tmp_path/'p')['config']['bg_threshold'] == 0.2
+    assert abs(read_run(tmp_path/'p')['config']['bg_threshold'] - S.bg_fixed_erasing) < 1e-9
     assert run_cli('pseudo-labels', '--mining', tmp_path/'e', '--out', tmp_path/'pc', '--crf', '--quiet')[0] == 0
     assert read_run(tmp_path/'pc')['config']['bg_threshold'] == DemoSettings.__dataclass_fields__['bg_fixed_erasing_crf'].default
     import shutil
