@@ -8,7 +8,7 @@ __all__ = ['MODEL_NAMES', 'DeepLabLargeFOV', 'DeepLabResNet101', 'SmallDeepLab',
            'evaluate']
 
 # %% ../nbs/08_segmentation.ipynb #d8a6b363
-import dataclasses, json, math, os, time, urllib.error
+import dataclasses, hashlib, json, math, os, time, urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -329,6 +329,14 @@ def _seg_loss(logits, target, ignore_index):
     loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction='sum')
     return loss / (target != ignore_index).sum().clamp(min=1)
 
+def _data_fingerprint(images, masks):
+    "sha256 of the training images and masks when both are tensors (None for files and datasets: the CLI records those in run.json)."
+    if not (torch.is_tensor(images) and torch.is_tensor(masks)): return None
+    h = hashlib.sha256()
+    for t in (images, masks):
+        h.update(f"{tuple(t.shape)} {t.dtype}".encode()); h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
 # %% ../nbs/08_segmentation.ipynb #438099a3
 def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir=None, resume=False,
                        progress=True, model=None, callback=None) -> nn.Module:
@@ -337,6 +345,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
     device = torch.device(device)
     pairs = _Pairs(images, masks)
     if len(pairs) == 0: raise ValueError("no training images")
+    data = _data_fingerprint(images, masks)   # resuming on other images or masks would silently mix two trainings
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None: out_dir.mkdir(parents=True, exist_ok=True)
     if resume and out_dir is None: raise ValueError("resume=True needs out_dir (where the checkpoint is)")
@@ -359,6 +368,10 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
         start, history = 0, []
         if ckpt is not None:
             _check_same_run(ckpt['config'], cfg, ckpt_path)
+            saved = ckpt.get('data')   # absent in checkpoints of earlier versions, None for files and datasets
+            if saved is not None and data is not None and saved != data:
+                raise ValueError(f"cannot resume from {ckpt_path}: it was trained on other images or masks "
+                                 f"(sha256 {str(saved)[:12]}… saved, {data[:12]}… now); use another out_dir")
             model.load_state_dict(ckpt['model']); opt.load_state_dict(ckpt['optimizer'])
             scaler.load_state_dict(ckpt['scaler']); _set_rng_state(ckpt['rng'], device)
             start, history = ckpt['epoch'], ckpt['history']
@@ -394,7 +407,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
             if out_dir is not None and is_main():
                 _atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                                   epoch=epoch + 1, iteration=info['iteration'], rng=_rng_state(device),
-                                  history=history, config=cfg.to_dict()), ckpt_path)
+                                  history=history, config=cfg.to_dict(), data=data), ckpt_path)
             if callback is not None: callback(info)
         if out_dir is not None and is_main():
             _atomic_save(dict(model=model.state_dict(), config=cfg.to_dict(), history=history), out_dir/'model.pt')
