@@ -408,13 +408,69 @@ def _scene_classes(n_classes, class_seed, body_hue_jitter):
     cls['texture_period'] = torch.exp(_uniform(g, (C,), (math.log(4), math.log(14))))
     return cls
 
-# %% ../nbs/01_data.ipynb #b1a5e94d
+# %% ../nbs/01_data.ipynb #c36218ba
+def _second_stream(seed): return (seed + 1) * 1_000_003   # a seed for draws that must not shift the first stream's
+
+def _part_looks(classes, class_seed, saturation, contrast, value=0.9):
+    "Each class's look for each of its part types (C, P): part 0, the head, wears the class's own hue and pattern; the others nearby hues, other patterns; saturation and pattern contrast fall with the part's index."
+    C, P = len(classes['part_hue']), len(saturation)
+    g = torch.Generator().manual_seed(_second_stream(class_seed))
+    hue = (classes['part_hue'][:, None] + _uniform(g, (C, P), (-0.3, 0.3)) / C) % 1.0
+    pattern = torch.randint(0, _N_PATTERNS, (C, P), generator=g)
+    period, angle = _uniform(g, (C, P), (3.0, 6.0)), _uniform(g, (C, P), (0, math.pi))
+    second = torch.randint(0, 3, (C, P), generator=g)                                  # black, white, complement
+    hue[:, 0], pattern[:, 0] = classes['part_hue'], classes['part_pattern']
+    period[:, 0], angle[:, 0] = classes['part_period'], classes['part_angle']
+    sat = torch.tensor(saturation, dtype=torch.float32).expand(C, P)
+    rgb = _hsv_to_rgb(hue, sat, torch.full((C, P), value))
+    towards = torch.stack([torch.zeros(C, P, 3), torch.ones(C, P, 3), _hsv_to_rgb(hue + 0.5, sat, torch.full((C, P), value))])
+    towards = towards.gather(0, second[None, ..., None].expand(1, C, P, 3))[0]
+    rgb2 = torch.lerp(rgb, towards, torch.tensor(contrast, dtype=torch.float32)[None, :, None])
+    return dict(rgb=rgb, rgb2=rgb2, pattern=pattern, period=period, angle=angle)
+
+# %% ../nbs/01_data.ipynb #5f2a9555
+def _scene_config(who, n_classes, objects, part_saturation, part_contrast, **kw):
+    "The checked knobs of `SyntheticScenes` as a dict; a ValueError naming the class and the accepted values for a bad one."
+    r, num, i = (lambda *a, **k: _check_range(*a, who=who, **k)), (lambda *a: _check_number(*a, who=who)), \
+                (lambda *a: _check_int(*a, who=who))
+    ranges = dict(objects_per_image=(1, 20, True), area_range=(0, 0.7, False), aspect_range=(0, 1, False),
+                  body_regions=(1, 3, True), part_fraction=(0, 0.5, False), body_saturation=(0, 1, None),
+                  body_value=(0, 1, None), body_texture_contrast=(0, 1, None), background_texture_contrast=(0, 1, None),
+                  clutter=(0, 50, True), clutter_area=(0, 0.1, False))
+    numbers = dict(max_coverage=(0.05, 1), irregularity=(0, 0.6), overlap=(0, 1), min_visible=(0, 1),
+                   body_hue_jitter=(0, 2), body_texture_bias=(0, 1), background_body_overlap=(0, 1),
+                   background_split=(0, 1), stroke_fraction=(0, 1), illumination=(0, 0.9), edge_softness=(0, 8),
+                   noise=(0, 1), part_area=(0.001, 1), context=(0, 1), false_context=(0, 1))
+    cfg = {}
+    for name, v in kw.items():
+        if name in ranges:
+            lo, hi, integer = ranges[name]
+            cfg[name] = r(name, v, lo, hi, integer=bool(integer), positive=integer is False)
+        elif name in numbers: cfg[name] = num(name, v, *numbers[name])
+        elif name in ('class_seed', 'ignore_border', 'max_parts'):
+            cfg[name] = i(name, v, *dict(class_seed=(0,), ignore_border=(0, 8), max_parts=(1, 8))[name])
+        elif name == 'show_parts': cfg[name] = bool(v)
+        else: raise TypeError(f"{who}: unknown keyword {name!r}")
+    if objects not in ('parts', 'bodies'): raise ValueError(f"{who}: objects must be 'parts' or 'bodies', got {objects!r}")
+    cfg['objects'] = objects
+    for name, v in (('part_saturation', part_saturation), ('part_contrast', part_contrast)):
+        v = tuple(float(x) for x in v) if isinstance(v, (tuple, list)) else ()
+        if len(v) < cfg['max_parts'] or not all(0 <= x <= 1 for x in v):
+            raise ValueError(f"{who}: {name} must give a number in [0, 1] for each of the max_parts={cfg['max_parts']} part types, got {v}")
+        cfg[name] = v[:cfg['max_parts']]
+    if cfg['area_range'][0] * min(cfg['objects_per_image'][1], n_classes) > cfg['max_coverage']:
+        raise ValueError(f"{who}: max_coverage={cfg['max_coverage']} cannot hold {cfg['objects_per_image'][1]} objects "
+                         f"of the smallest area {cfg['area_range'][0]}")
+    return cfg
+
+# %% ../nbs/01_data.ipynb #44dc12c4
 class SyntheticScenes(Dataset):
-    "Seeded VOC-like scenes: multi-part, irregular, soft-edged objects (a small saturated discriminative part, 1-3 weakly class-typed body regions) on textured, cluttered backgrounds. Items: (image (3,H,W) in [0,1], labels (C,), mask (H,W) int64)."
+    "Seeded VOC-like scenes: irregular, soft-edged objects made of class-specific parts (a most discriminative head; more parts for larger objects) on textured, cluttered backgrounds that share their colours and sometimes show a class's habitat. Items: (image (3,H,W) in [0,1], labels (C,), mask (H,W) int64)."
     _CHUNK = 64  # images rendered at once (fixed: the random stream of the rendering depends on it)
     _who = 'SyntheticScenes'
 
     def __init__(self, n_images: int, n_classes: int = 4, image_size: int = 96, seed: int = 0, *,
+                 objects='parts',                 # 'parts' (the benchmark) | 'bodies' (one small part on 1-3 weakly typed body bands)
                  class_seed=0,                    # draws the classes' appearance (alone); `seed` draws the scenes
                  objects_per_image=(1, 4),        # objects per image (clipped to n_classes); classes are distinct
                  area_range=(0.017, 0.55),        # object area / image area, drawn log-uniformly
@@ -423,65 +479,41 @@ class SyntheticScenes(Dataset):
                  irregularity=0.5,                # total amplitude of the radial harmonics 2-5 of the silhouette
                  overlap=0.4,                     # probability that an object is placed touching/overlapping another
                  min_visible=0.6,                 # placement keeps (in a disc model) this share of each object visible
-                 body_regions=(1, 3),             # body sub-regions per object
-                 part_fraction=(0.08, 0.2),       # area of the discriminative part / area of the object
-                 body_hue_jitter=0.4,             # body hue = class body hue +- this fraction of the hue spacing
-                 body_saturation=(0.2, 0.6),      # of bodies, body-like background and clutter (parts: 1)
+                 part_area=0.06,                  # parts: an object has round(area / this) parts (image share), 1..max_parts
+                 max_parts=5,                     # parts: most parts per object (part types per class)
+                 part_saturation=(1.0, 0.8, 0.65, 0.55, 0.5),  # parts: saturation of part type 0 (head), 1, ...
+                 part_contrast=(1.0, 0.6, 0.5, 0.45, 0.4),     # parts: contrast of each part type's two-colour pattern
+                 context=0.6,                     # parts: probability that the background shows a present class's habitat (its second region: half this)
+                 false_context=0.15,              # parts: ... an absent class's habitat
+                 body_regions=(1, 3),             # bodies: body sub-regions per object
+                 part_fraction=(0.08, 0.2),       # bodies: area of the discriminative part / area of the object
+                 body_hue_jitter=0.4,             # body (and habitat) hue = class body hue +- this fraction of the hue spacing
+                 body_saturation=(0.2, 0.6),      # of bodies, habitats, body-like background and clutter
                  body_value=(0.3, 0.85),          # their brightness
-                 body_texture_bias=0.8,           # probability that a body region wears its class's texture family
+                 body_texture_bias=0.8,           # probability that a body (habitat) region wears its class's texture family
                  body_texture_contrast=(0.1, 0.35),  # amplitude of the body textures (relative brightness)
                  background_texture_contrast=(0.1, 0.4),
                  background_body_overlap=0.5,     # probability that a background region has a body-like colour
                  background_split=0.6,            # probability that the background has two regions
-                 clutter=(2, 8),                  # distractor strokes + blobs per image (body colours and textures)
+                 clutter=(2, 8),                  # distractor strokes + blobs per image (body colours)
                  clutter_area=(0.002, 0.015),     # area of one distractor / image area
                  stroke_fraction=0.5,             # share of distractors that are strokes (the rest: blobs)
                  illumination=0.3,                # strength of the linear illumination gradient (gain 1 +- this)
                  edge_softness=1.0,               # width in px of the anti-aliased edge ramps (0: hard edges)
                  noise=0.03,                      # std of the Gaussian pixel noise
-                 show_parts=True,                 # False: paint the part like the body (same scene otherwise)
+                 show_parts=True,                 # False: paint the head (bodies: the part) like the rest (same scene otherwise)
                  ignore_border=0):                # width in px of the 255 ring each side of object boundaries
-        w = self._who
+        w, kw = self._who, dict(locals())
         self.n_images = _check_int('n_images', n_images, 1, who=w)
         self.n_classes = _check_int('n_classes', n_classes, 1, 20, who=w)
         self.image_size = _check_int('image_size', image_size, 32, who=w)
         self.seed = _check_int('seed', seed, 0, who=w)
-        r, num, i = (lambda *a, **k: _check_range(*a, who=w, **k)), (lambda *a: _check_number(*a, who=w)), \
-                    (lambda *a: _check_int(*a, who=w))
-        cfg = dict(
-            class_seed=i('class_seed', class_seed, 0),
-            objects_per_image=r('objects_per_image', objects_per_image, 1, 20, integer=True),
-            area_range=r('area_range', area_range, 0, 0.7, positive=True),
-            max_coverage=num('max_coverage', max_coverage, 0.05, 1),
-            aspect_range=r('aspect_range', aspect_range, 0, 1, positive=True),
-            irregularity=num('irregularity', irregularity, 0, 0.6),
-            overlap=num('overlap', overlap, 0, 1),
-            min_visible=num('min_visible', min_visible, 0, 1),
-            body_regions=r('body_regions', body_regions, 1, 3, integer=True),
-            part_fraction=r('part_fraction', part_fraction, 0, 0.5, positive=True),
-            body_hue_jitter=num('body_hue_jitter', body_hue_jitter, 0, 2),
-            body_saturation=r('body_saturation', body_saturation, 0, 1),
-            body_value=r('body_value', body_value, 0, 1),
-            body_texture_bias=num('body_texture_bias', body_texture_bias, 0, 1),
-            body_texture_contrast=r('body_texture_contrast', body_texture_contrast, 0, 1),
-            background_texture_contrast=r('background_texture_contrast', background_texture_contrast, 0, 1),
-            background_body_overlap=num('background_body_overlap', background_body_overlap, 0, 1),
-            background_split=num('background_split', background_split, 0, 1),
-            clutter=r('clutter', clutter, 0, 50, integer=True),
-            clutter_area=r('clutter_area', clutter_area, 0, 0.1, positive=True),
-            stroke_fraction=num('stroke_fraction', stroke_fraction, 0, 1),
-            illumination=num('illumination', illumination, 0, 0.9),
-            edge_softness=num('edge_softness', edge_softness, 0, 8),
-            noise=num('noise', noise, 0, 1),
-            show_parts=bool(show_parts),
-            ignore_border=i('ignore_border', ignore_border, 0, 8))
-        if cfg['area_range'][0] * min(cfg['objects_per_image'][1], self.n_classes) > cfg['max_coverage']:
-            raise ValueError(f"{w}: max_coverage={max_coverage} cannot hold {cfg['objects_per_image'][1]} objects "
-                             f"of the smallest area {cfg['area_range'][0]}")
-        self.config = cfg
+        for k in ('self', 'w', 'n_images', 'n_classes', 'image_size', 'seed', '__class__'): kw.pop(k, None)
+        self.config = cfg = _scene_config(w, self.n_classes, **kw)
         self.class_seed = cfg['class_seed']
         self.class_names = _class_names(self.n_classes)
         self.classes = _scene_classes(self.n_classes, cfg['class_seed'], cfg['body_hue_jitter'])
+        self.part_looks = _part_looks(self.classes, cfg['class_seed'], cfg['part_saturation'], cfg['part_contrast'])
         self._draw()
         self._render()
 
@@ -489,9 +521,9 @@ class SyntheticScenes(Dataset):
     def __getitem__(self, i): return self.images[i], self.labels[i], self.masks[i]
     def __repr__(self):
         return (f"{type(self).__name__}(n_images={self.n_images}, n_classes={self.n_classes}, "
-                f"image_size={self.image_size}, seed={self.seed}, class_seed={self.class_seed})")
+                f"image_size={self.image_size}, seed={self.seed}, objects={self.config['objects']!r}, class_seed={self.class_seed})")
 
-# %% ../nbs/01_data.ipynb #7673a1c2
+# %% ../nbs/01_data.ipynb #504e0307
 def _layer_look(g, shape, cfg, classes, cls, typical):
     "Colour (..., 3) and texture parameters of layers with body-like looks of class `cls`; `typical` (bool) says whether the texture follows the class's preference (else it is random)."
     jit = _uniform(g, shape, (-1, 1)) * classes['body_hue_spread']
@@ -507,13 +539,12 @@ def _layer_look(g, shape, cfg, classes, cls, typical):
                 level=_uniform(g, shape, (-0.6, 0.6)), field=torch.randint(0, _N_NOISE, shape, generator=g),
                 contrast=_uniform(g, shape, cfg['body_texture_contrast']))
 
-
+# %% ../nbs/01_data.ipynb #72a1697b
 @patch
-def _draw(self: SyntheticScenes):
-    "Draw every random parameter of every scene at once: (N, K) for the K object slots, (N, Q) for the Q clutter slots."
-    N, C, S, cfg, cl = self.n_images, self.n_classes, self.image_size, self.config, self.classes
-    g = self._gen = torch.Generator().manual_seed(self.seed)
-    K, Q = min(cfg['objects_per_image'][1], C), cfg['clutter'][1]
+def _draw_objects(self: SyntheticScenes, g):
+    "Object counts, classes, sizes and silhouettes, (N, K) for the K object slots."
+    N, C, S, cfg = self.n_images, self.n_classes, self.image_size, self.config
+    K = min(cfg['objects_per_image'][1], C)
     n_obj = torch.randint(cfg['objects_per_image'][0], cfg['objects_per_image'][1] + 1, (N,), generator=g).clamp(max=C)
     active = torch.arange(K)[None] < n_obj[:, None]
     p = dict(active=active, cls=torch.argsort(torch.rand(N, C, generator=g), dim=1)[:, :K])
@@ -522,21 +553,29 @@ def _draw(self: SyntheticScenes):
     area = torch.where(active, torch.exp(_uniform(g, (N, K), (lo, hi))), 0.).sort(dim=1, descending=True).values
     total = area.sum(1, keepdim=True)
     area = torch.where(total > cfg['max_coverage'], area * cfg['max_coverage'] / total, area)
-    area = torch.where(active, area.clamp(min=cfg['area_range'][0]), cfg['area_range'][0]) * S * S  # px
+    p['area'] = torch.where(active, area.clamp(min=cfg['area_range'][0]), cfg['area_range'][0]) * S * S  # px
     # silhouette: a disc of radius R in stretched coordinates, its radius modulated by harmonics 2..5
     wts = torch.tensor([1.0, 0.7, 0.45, 0.3])
     amp = torch.rand(N, K, 4, generator=g) * wts * cfg['irregularity'] / wts.sum()
     p['harm_amp'], p['harm_phase'] = amp, _uniform(g, (N, K, 4), (0, 2 * math.pi))
-    p['R'] = torch.sqrt(area / (math.pi * (1 + 0.5 * (amp ** 2).sum(-1))))           # exact area of the shape
+    p['R'] = torch.sqrt(p['area'] / (math.pi * (1 + 0.5 * (amp ** 2).sum(-1))))      # exact area of the shape
     p['aspect'] = _uniform(g, (N, K), cfg['aspect_range'])
     p['theta'] = _uniform(g, (N, K), (0, math.pi))
-    ext = p['R'] * (1 + amp.sum(-1)) / p['aspect'].sqrt()                             # farthest extent
+    return p
+
+# %% ../nbs/01_data.ipynb #fc0d021a
+@patch
+def _place(self: SyntheticScenes, g, p):
+    "Object centres `p['cx']`, `p['cy']`: 24 candidates per object, the best kept (see above)."
+    N, S, cfg = self.n_images, self.image_size, self.config
+    active, area, R = p['active'], p['area'], p['R']
+    K, M = active.shape[1], 24                                                        # M candidate positions
+    ext = R * (1 + p['harm_amp'].sum(-1)) / p['aspect'].sqrt()                        # farthest extent
     margin = torch.where(ext < 0.35 * S, ext, 0.85 * ext).clamp(max=S / 2)           # small objects: wholly inside
-    M = 24                                                                            # candidate positions
     cand = margin[..., None, None] + (S - 2 * margin)[..., None, None] * torch.rand(N, K, M, 2, generator=g)
     touch = torch.rand(N, K, generator=g) < cfg['overlap']
     depth = _uniform(g, (N, K), (0.0, 0.35))                                          # wanted overlap / smaller R
-    R, centre = p['R'], torch.zeros(N, K, 2)
+    centre = torch.zeros(N, K, 2)
     reach = (R + ext) / 2                                  # an occluder's disc: between its mean and farthest radius
     smallest = cfg['area_range'][0] * S * S
     hidden = torch.zeros(N, K)                                                        # occluded area (disc model)
@@ -559,6 +598,13 @@ def _draw(self: SyntheticScenes):
             d = (centre[:, k] - centre[:, j]).norm(dim=-1)
             hidden[:, j] += _lens(R[:, j], reach[:, k], d) * active[:, k]
     p['cx'], p['cy'] = centre[..., 0], centre[..., 1]
+
+# %% ../nbs/01_data.ipynb #d0f9d618
+@patch
+def _draw_looks(self: SyntheticScenes, g, p):
+    "Body regions and the part of the 'bodies' objects, background regions, clutter and illumination."
+    N, C, S, cfg, cl = self.n_images, self.n_classes, self.image_size, self.config, self.classes
+    K, Q = p['active'].shape[1], cfg['clutter'][1]
     p['n_regions'] = torch.randint(cfg['body_regions'][0], cfg['body_regions'][1] + 1, (N, K), generator=g)
     p['cut_angle'] = _uniform(g, (N, K), (-0.5, 0.5))
     p['cuts'] = _uniform(g, (N, K, 2), (-0.55, 0.55)).sort(-1).values                # in units of R
@@ -589,7 +635,7 @@ def _draw(self: SyntheticScenes):
     stroke = torch.rand(N, Q, generator=g) < cfg['stroke_fraction']
     cl_area = torch.exp(_uniform(g, (N, Q), tuple(map(math.log, cfg['clutter_area'])))) * S * S
     elong = torch.where(stroke, _uniform(g, (N, Q), (4, 12)), _uniform(g, (N, Q), (0, 1)))   # length / width
-    p['cl_half'] = torch.sqrt(cl_area / (4 * elong + math.pi)) * 1.0                  # area = 2h * L + pi h^2, L = 2h*elong
+    p['cl_half'] = torch.sqrt(cl_area / (4 * elong + math.pi))                         # area = 2h * L + pi h^2, L = 2h*elong
     p['cl_len'] = 2 * p['cl_half'] * elong
     p['cl_x'], p['cl_y'] = _uniform(g, (N, Q), (0, S)), _uniform(g, (N, Q), (0, S))
     a = _uniform(g, (N, Q), (0, 2 * math.pi))
@@ -597,9 +643,48 @@ def _draw(self: SyntheticScenes):
     p['cl'] = _layer_look(g, (N, Q), cfg, cl, torch.randint(0, C, (N, Q), generator=g), torch.ones(N, Q, dtype=torch.bool))
     a = _uniform(g, (N,), (0, 2 * math.pi))
     p['light'] = torch.stack([a.cos(), a.sin()], -1) * _uniform(g, (N, 1), (0, cfg['illumination']))
-    self.params = p
 
-# %% ../nbs/01_data.ipynb #2d887c3d
+# %% ../nbs/01_data.ipynb #3dceaae5
+@patch
+def _draw_parts(self: SyntheticScenes):
+    "The 'parts' layout's own draws, from a second stream of `seed` (so the geometry is that of the 'bodies' layout): each object's number of parts and the end its head sits at; backgrounds and clutter in random textures; context."
+    p, cfg, N, C = self.params, self.config, self.n_images, self.n_classes
+    g = torch.Generator().manual_seed(_second_stream(self.seed))
+    share = p['area'] / self.image_size ** 2
+    p['n_parts'] = (share / cfg['part_area']).round().clamp(1, cfg['max_parts']).long()
+    p['head_end'] = torch.rand(share.shape, generator=g) < 0.5
+    for key in ('bg', 'cl'):   # class colours stay, class textures go: only the objects carry them
+        shape = p[key]['fam'].shape
+        p[key]['fam'] = torch.randint(0, _N_TEXTURES, shape, generator=g)
+        p[key]['ang'] = _uniform(g, shape, (0, math.pi))
+        p[key]['period'] = torch.exp(_uniform(g, shape, (math.log(4), math.log(16))))
+    # context: a background region in the habitat look (the class's body palette and texture) of a class in the image
+    present = torch.zeros(N, C, dtype=torch.bool).scatter_(1, torch.where(p['active'], p['cls'], p['cls'][:, :1]), True)
+    absent = (~present).float()
+    absent[absent.sum(1) == 0] = 1
+    pick_present = torch.multinomial(present.float(), 2, replacement=True, generator=g)
+    pick_absent = torch.multinomial(absent, 2, replacement=True, generator=g)
+    on = torch.rand(N, 2, generator=g) < torch.tensor([cfg['context'], cfg['context'] / 2])
+    false = (torch.rand(N, 2, generator=g) < cfg['false_context']) & ~on
+    habitat_cls = torch.where(on, pick_present, pick_absent)
+    habitat = _layer_look(g, (N, 2), cfg, self.classes, habitat_cls, torch.ones(N, 2, dtype=torch.bool))
+    use = on | false
+    for key, v in habitat.items():
+        p['bg'][key] = torch.where(use if v.ndim == 2 else use[..., None], v, p['bg'][key])
+    p['context'] = torch.where(on, habitat_cls + 1, 0)   # (N, 2): class + 1 whose habitat each region shows, 0 none
+
+# %% ../nbs/01_data.ipynb #810d4579
+@patch
+def _draw(self: SyntheticScenes):
+    "Draw every random parameter of every scene at once from `seed`, in a fixed order; the 'parts' layout adds its own draws from a second stream."
+    g = self._gen = torch.Generator().manual_seed(self.seed)
+    p = self._draw_objects(g)
+    self._place(g, p)
+    self._draw_looks(g, p)
+    self.params = p
+    if self.config['objects'] == 'parts': self._draw_parts()
+
+# %% ../nbs/01_data.ipynb #211e2944
 def _sub(d, sl):
     "The slice `sl` (on the first dimension) of every tensor in a nested dict."
     return {k: _sub(v, sl) if isinstance(v, dict) else v[sl] for k, v in d.items()}
@@ -616,93 +701,150 @@ def _paint_layers(look, bank, used):
                     pick(look['level']), bank[img, pick(look['field'])], S)
     return pick(look['rgb'])[:, :, None, None] * (1 + pick(look['contrast'])[:, None, None, None] * tex[:, None]), lut
 
+def _grid(S):
+    "Pixel-centre coordinates X (1, 1, S) and Y (1, S, 1)."
+    xs = torch.arange(S, dtype=torch.float32) + 0.5
+    return xs[None, None, :], xs[None, :, None]
+
+def _col(t): return t[:, None, None]
+
+# %% ../nbs/01_data.ipynb #f1eb4fc3
+def _paint_background(P, bank, soft):
+    "The background of a chunk (n, 3, S, S): one or two textured regions split by a wavy line."
+    n, S = bank.shape[0], bank.shape[-1]
+    X, Y = _grid(S)
+    bgc, lut = _paint_layers(P['bg'], bank, torch.stack([torch.ones(n, dtype=torch.bool), P['bg_split']], 1))
+    bgc = bgc[lut]                                                                  # (n, 2, 3, S, S)
+    sd = X * _col(P['bg_normal'][:, 0]) + Y * _col(P['bg_normal'][:, 1]) - S / 2 - _col(P['bg_offset'])
+    a = _ramp(sd + _col(P['bg_wave']) * bank[:, 0], soft) * _col(P['bg_split'].float())
+    return torch.lerp(bgc[:, 0], bgc[:, 1], a[:, None])
+
+def _paint_clutter(img, P, bank, soft):
+    "Paint the clutter items over `img` in place: capsules around segments (a blob: a short one)."
+    X, Y = _grid(bank.shape[-1])
+    clc, cl_lut = _paint_layers(P['cl'], bank, P['cl_on'])
+    for q in range(P['cl_on'].shape[1]):
+        r = P['cl_on'][:, q].nonzero().flatten()
+        if not len(r): continue
+        f = lambda t: t[r, q, None, None]
+        dx, dy = X - f(P['cl_x']), Y - f(P['cl_y'])
+        along = dx * f(P['cl_dx']) + dy * f(P['cl_dy'])
+        across = dy * f(P['cl_dx']) - dx * f(P['cl_dy'])
+        along = along - along.clamp(min=0).minimum(f(P['cl_len']))
+        a = _ramp(f(P['cl_half']) - torch.sqrt(along * along + across * across), soft)
+        img[r] = torch.lerp(img[r], clc[cl_lut[r, q]], a[:, None])
+
+def _silhouette(P, r, k, S, soft):
+    "Object slot `k` in the images `r`: its frame (u along the major axis, v across), stretch `sq`, radius R, coverage alpha."
+    X, Y = _grid(S)
+    f = lambda t: t[r, k, None, None]
+    c, s = f(P['theta']).cos(), f(P['theta']).sin()
+    dx, dy = X - f(P['cx']), Y - f(P['cy'])
+    u, v = dx * c + dy * s, dy * c - dx * s                                     # object frame
+    sq = f(P['aspect']).sqrt()
+    us, vs = u * sq, v / sq                                                     # stretched: a disc of radius R
+    rho = torch.sqrt(us * us + vs * vs).clamp(min=1e-6)
+    phi = torch.atan2(vs, us)
+    rad = torch.ones_like(rho)
+    for h in range(4):
+        rad = rad + P['harm_amp'][r, k, h, None, None] * torch.cos((h + 2) * phi + P['harm_phase'][r, k, h, None, None])
+    R = f(P['R'])
+    return u, v, sq, R, _ramp(R * rad - rho, soft)
+
+# %% ../nbs/01_data.ipynb #947e3acb
+@patch
+def _paint_bodies(self: SyntheticScenes, P, r, k, u, v, sq, R, inside, full, body, body_lut):
+    "The 'bodies' layout: 1-3 body bands split by slanted cuts and one small patterned part; colour (n, 3, S, S) and the part's pixels."
+    cfg, cl, S, soft = self.config, self.classes, self.image_size, self.config['edge_softness']
+    f = lambda t: t[r, k, None, None]
+    w = (u * f(P['cut_angle']).cos() + v * f(P['cut_angle']).sin()) / R
+    col = body[body_lut[r, k, 0]]
+    for j in range(2):
+        on = (P['n_regions'][r, k] > j + 1).float()[:, None, None]
+        wj = _ramp((w - P['cuts'][r, k, j, None, None]) * R, soft) * on
+        col = torch.lerp(col, body[body_lut[r, k, j + 1]], wj[:, None])
+    # the part: the object's pixels nearest (in an elliptic metric) to a point towards its rim
+    pr = R * f(P['part_reach'])
+    du0, dv0 = u - f(P['part_dir'][..., 0]) * pr / sq, v - f(P['part_dir'][..., 1]) * pr * sq
+    pc, ps = f(P['part_theta']).cos(), f(P['part_theta']).sin()
+    pa = f(P['part_aspect']).sqrt()
+    dist = torch.sqrt(((du0 * pc + dv0 * ps) * pa) ** 2 + ((dv0 * pc - du0 * ps) / pa) ** 2)
+    kth = (P['part_fraction'][r, k] * full).round().long().clamp(1, S * S)
+    srt = torch.where(inside, dist, float('inf')).flatten(1).sort(dim=1).values
+    thr = srt.gather(1, (kth - 1)[:, None])[:, 0]
+    thr = torch.where(torch.isfinite(thr), thr, 0.)
+    pw = _ramp(_col(thr) + 0.5 - dist, soft)
+    pcls = P['cls'][r, k]
+    if cfg['show_parts']:
+        ca, sa = _col(cl['part_angle'][pcls]).cos(), _col(cl['part_angle'][pcls]).sin()
+        pat = _part_pattern(cl['part_pattern'][pcls], du0 * ca + dv0 * sa, dv0 * ca - du0 * sa, cl['part_period'][pcls])
+        pcol = torch.lerp(cl['part_rgb'][pcls][:, :, None, None], cl['part_rgb2'][pcls][:, :, None, None], pat[:, None])
+        col = torch.lerp(col, pcol, pw[:, None])
+    return col, pw >= 0.5
+
+# %% ../nbs/01_data.ipynb #ad18d826
+def _part_index(along, inside, n_parts, max_parts):
+    "Part of each pixel (n, S, S) of n objects: `n_parts` bands of equal area along `along`, part 0 (the head) where it is lowest."
+    srt = torch.where(inside, along, float('inf')).flatten(1).sort(dim=1).values
+    full = inside.flatten(1).sum(1)
+    idx = torch.zeros(along.shape, dtype=torch.long)
+    for j in range(1, max_parts):
+        cut = srt.gather(1, (full * j // n_parts).clamp(max=srt.shape[1] - 1)[:, None])[:, 0]
+        idx += ((along >= _col(torch.where(torch.isfinite(cut), cut, 1e9))) & _col(j < n_parts)).long()
+    return idx
+
+# %% ../nbs/01_data.ipynb #ce3c12bb
+@patch
+def _paint_parts(self: SyntheticScenes, P, r, k, u, v, inside):
+    "The 'parts' layout: the object's parts, each in its class's look for that part type; colour (n, 3, S, S) and the head's pixels."
+    looks, cfg = self.part_looks, self.config
+    idx = _part_index(torch.where(_col(P['head_end'][r, k]), -u, u), inside, P['n_parts'][r, k], cfg['max_parts'])
+    if not cfg['show_parts']: idx = idx.clamp(min=min(1, cfg['max_parts'] - 1))   # the head painted like the next part
+    cls = P['cls'][r, k]
+    col = torch.zeros((len(r), 3) + tuple(u.shape[-2:]))
+    for j in idx.unique().tolist():
+        ca, sa = _col(looks['angle'][cls, j]).cos(), _col(looks['angle'][cls, j]).sin()
+        w = _part_pattern(looks['pattern'][cls, j], u * ca + v * sa, v * ca - u * sa, looks['period'][cls, j])
+        pcol = torch.lerp(looks['rgb'][cls, j][:, :, None, None], looks['rgb2'][cls, j][:, :, None, None], w[:, None])
+        col = torch.where((idx == j)[:, None], pcol, col)
+    head = inside & (idx == 0) if cfg['show_parts'] else torch.zeros_like(inside)
+    return col, head
+
+# %% ../nbs/01_data.ipynb #4f47ac36
 @patch
 def _render(self: SyntheticScenes):
     "Paint the scenes chunk by chunk: background regions, clutter, then the objects from the largest (behind) to the smallest, alpha-blended."
-    N, C, S, cfg, cl, g = self.n_images, self.n_classes, self.image_size, self.config, self.classes, self._gen
-    K, Q, soft = self.params['cx'].shape[1], self.params['cl_on'].shape[1], cfg['edge_softness']
-    self.images = torch.empty(N, 3, S, S)
-    self.masks = torch.empty(N, S, S, dtype=torch.long)
+    N, S, cfg, g = self.n_images, self.image_size, self.config, self._gen
+    K, soft, parts = self.params['cx'].shape[1], cfg['edge_softness'], cfg['objects'] == 'parts'
+    self.images, self.masks = torch.empty(N, 3, S, S), torch.empty(N, S, S, dtype=torch.long)
     self.part_masks = torch.empty(N, S, S, dtype=torch.long)
     self.full_areas = torch.zeros(N, K)  # pixels of each object slot before occlusion (alpha >= 0.5)
-    xs = torch.arange(S, dtype=torch.float32) + 0.5
-    X, Y = xs[None, None, :], xs[None, :, None]
-    e = lambda t: t[:, None, None]
+    X, Y = _grid(S)
     for start in range(0, N, self._CHUNK):
         sl = slice(start, min(N, start + self._CHUNK))
         P = _sub(self.params, sl)
         n = P['cx'].shape[0]
         bank = _noise_bank(g, n, S)
-        # background: two regions split by a wavy line
-        bgc, lut = _paint_layers(P['bg'], bank, torch.stack([torch.ones(n, dtype=torch.bool), P['bg_split']], 1))
-        bgc = bgc[lut]                                                                  # (n, 2, 3, S, S)
-        sd = X * e(P['bg_normal'][:, 0]) + Y * e(P['bg_normal'][:, 1]) - S / 2 - e(P['bg_offset'])
-        a = _ramp(sd + e(P['bg_wave']) * bank[:, 0], soft) * e(P['bg_split'].float())
-        img = torch.lerp(bgc[:, 0], bgc[:, 1], a[:, None])
-        if Q:  # clutter: capsules around segments (a blob: a short one)
-            clc, cl_lut = _paint_layers(P['cl'], bank, P['cl_on'])
-            for q in range(Q):
-                r = P['cl_on'][:, q].nonzero().flatten()
-                if not len(r): continue
-                f = lambda t: t[r, q, None, None]
-                dx, dy = X - f(P['cl_x']), Y - f(P['cl_y'])
-                along = dx * f(P['cl_dx']) + dy * f(P['cl_dy'])
-                across = dy * f(P['cl_dx']) - dx * f(P['cl_dy'])
-                along = along - along.clamp(min=0).minimum(f(P['cl_len']))
-                a = _ramp(f(P['cl_half']) - torch.sqrt(along * along + across * across), soft)
-                img[r] = torch.lerp(img[r], clc[cl_lut[r, q]], a[:, None])
-        regions = torch.arange(3)[None, None] < P['n_regions'][..., None]
-        body, body_lut = _paint_layers(P['body'], bank, regions & P['active'][..., None])  # lut (n, K, 3 regions)
-        mask = torch.zeros(n, S, S, dtype=torch.long)
-        part_mask = torch.zeros(n, S, S, dtype=torch.long)
+        img = _paint_background(P, bank, soft)
+        if P['cl_on'].shape[1]: _paint_clutter(img, P, bank, soft)
+        if not parts:
+            regions = torch.arange(3)[None, None] < P['n_regions'][..., None]
+            body, body_lut = _paint_layers(P['body'], bank, regions & P['active'][..., None])  # lut (n, K, 3 regions)
+        mask, part_mask = torch.zeros(n, S, S, dtype=torch.long), torch.zeros(n, S, S, dtype=torch.long)
         for k in range(K):  # largest first: later (smaller) objects occlude earlier ones
             r = P['active'][:, k].nonzero().flatten()
             if not len(r): continue
-            f = lambda t: t[r, k, None, None]
-            c, s = f(P['theta']).cos(), f(P['theta']).sin()
-            dx, dy = X - f(P['cx']), Y - f(P['cy'])
-            u, v = dx * c + dy * s, dy * c - dx * s                                     # object frame
-            sq = f(P['aspect']).sqrt()
-            us, vs = u * sq, v / sq                                                     # stretched: a disc of radius R
-            rho = torch.sqrt(us * us + vs * vs).clamp(min=1e-6)
-            phi = torch.atan2(vs, us)
-            rad = torch.ones_like(rho)
-            for h in range(4):
-                rad = rad + P['harm_amp'][r, k, h, None, None] * torch.cos((h + 2) * phi + P['harm_phase'][r, k, h, None, None])
-            R = f(P['R'])
-            alpha = _ramp(R * rad - rho, soft)
+            u, v, sq, R, alpha = _silhouette(P, r, k, S, soft)
             inside = alpha >= 0.5
             full = inside.flatten(1).sum(1)
             self.full_areas[start + r, k] = full.float()
-            # body regions: bands across the object's major axis, split by slanted cuts
-            w = (u * f(P['cut_angle']).cos() + v * f(P['cut_angle']).sin()) / R
-            col = body[body_lut[r, k, 0]]
-            for j in range(2):
-                on = (P['n_regions'][r, k] > j + 1).float()[:, None, None]
-                wj = _ramp((w - P['cuts'][r, k, j, None, None]) * R, soft) * on
-                col = torch.lerp(col, body[body_lut[r, k, j + 1]], wj[:, None])
-            # the part: the object's pixels nearest (in an elliptic metric) to a point towards its rim
-            pr = R * f(P['part_reach'])
-            du0, dv0 = u - f(P['part_dir'][..., 0]) * pr / sq, v - f(P['part_dir'][..., 1]) * pr * sq
-            pc, ps = f(P['part_theta']).cos(), f(P['part_theta']).sin()
-            pa = f(P['part_aspect']).sqrt()
-            dist = torch.sqrt(((du0 * pc + dv0 * ps) * pa) ** 2 + ((dv0 * pc - du0 * ps) / pa) ** 2)
-            kth = (P['part_fraction'][r, k] * full).round().long().clamp(1, S * S)
-            srt = torch.where(inside, dist, float('inf')).flatten(1).sort(dim=1).values
-            thr = srt.gather(1, (kth - 1)[:, None])[:, 0]
-            thr = torch.where(torch.isfinite(thr), thr, 0.)
-            pw = _ramp(e(thr) + 0.5 - dist, soft)
-            pcls = P['cls'][r, k]
-            if cfg['show_parts']:
-                ca, sa = e(cl['part_angle'][pcls]).cos(), e(cl['part_angle'][pcls]).sin()
-                pat = _part_pattern(cl['part_pattern'][pcls], du0 * ca + dv0 * sa, dv0 * ca - du0 * sa,
-                                    cl['part_period'][pcls])
-                pcol = torch.lerp(cl['part_rgb'][pcls][:, :, None, None], cl['part_rgb2'][pcls][:, :, None, None], pat[:, None])
-                col = torch.lerp(col, pcol, pw[:, None])
+            col, part = (self._paint_parts(P, r, k, u, v, inside) if parts else
+                         self._paint_bodies(P, r, k, u, v, sq, R, inside, full, body, body_lut))
             img[r] = torch.lerp(img[r], col, alpha[:, None])
-            mask[r] = torch.where(inside, e(pcls) + 1, mask[r])
-            part_mask[r] = torch.where(inside, torch.where(pw >= 0.5, e(pcls) + 1, 0), part_mask[r])
-        light = 1 + (X - S / 2) / (S / 2) * e(P['light'][:, 0]) + (Y - S / 2) / (S / 2) * e(P['light'][:, 1])
+            pcls = _col(P['cls'][r, k]) + 1
+            mask[r] = torch.where(inside, pcls, mask[r])
+            part_mask[r] = torch.where(inside, torch.where(part, pcls, 0), part_mask[r])
+        light = 1 + (X - S / 2) / (S / 2) * _col(P['light'][:, 0]) + (Y - S / 2) / (S / 2) * _col(P['light'][:, 1])
         img = img * light[:, None]
         if cfg['noise']: img = img + cfg['noise'] * torch.randn(img.shape, generator=g)
         self.images[sl] = img.clamp_(0, 1)
