@@ -1,4 +1,4 @@
-"""The set-up commands of README.md (and of nbs/index.ipynb, the docs home page that says the same).
+"""The set-up commands of README.md (written from nbs/index.ipynb, the docs home page, by `nbdev_readme`).
 
 README.md holds exactly two ```sh blocks: the install-and-run-the-demo command, then the test command.
 `.ci/run` runs them from here, and tests/test_readme.py checks that README.md and nbs/index.ipynb agree,
@@ -10,7 +10,8 @@ import json, re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_SH_BLOCK = re.compile(r"```sh\n(.*?)\n```", re.S)
+# "```sh" as written in the index, "``` sh" as Quarto writes it into README.md
+_SH_BLOCK = re.compile(r"``` ?sh\n(.*?)\n```", re.S)
 
 def sh_blocks(text):
     "The contents of every ```sh fenced block in `text`, in order."

@@ -28,9 +28,9 @@ def _check_shape(fn: str, name: str, x, dims: Sequence[str], **known: int) -> to
 
 # %% ../nbs/00_core.ipynb #3ff66ad7
 def region_map(
-    H: torch.Tensor,  # generator output $H^t$, (N, C, h, w)
-    eps: float = 1e-5,  # $\epsilon$ in the denominator of Eq. 3; must be >= 0
-) -> torch.Tensor:  # region maps $\tilde M^t$, (N, C, h, w) in [0, 1]; low = mined
+    H: torch.Tensor,  # generator output H^t, (N, C, h, w)
+    eps: float = 1e-5,  # ε in the denominator of Eq. 3; must be >= 0
+) -> torch.Tensor:  # region maps M̃^t, (N, C, h, w) in [0, 1]; low = mined
     "Eq. 3: min-max normalise each image's and category's map over space, then flip it (`1 - ...`)."
     _check_shape('region_map', 'H', H, ('N', 'C', 'h', 'w'))
     if eps < 0: raise ValueError(f"region_map: eps must be >= 0, got {eps}")
@@ -45,9 +45,9 @@ def _resize(maps: torch.Tensor, size) -> torch.Tensor:
     return nnf.interpolate(maps, size=tuple(size), mode='bilinear', align_corners=False)
 
 def mask_features(
-    F: torch.Tensor,  # features $F$ (Eq. 1) or $F^t$ (Eq. 4), (N, D, h, w)
-    maps,  # region maps $M_j^\tau$, (N, K, h', w'), or a sequence of such tensors (sizes may differ)
-) -> torch.Tensor:  # masked features $F^t$ or $\tilde F^t$, (N, D, h, w)
+    F: torch.Tensor,  # features F (Eq. 1) or F^t (Eq. 4), (N, D, h, w)
+    maps,  # region maps M_j^τ, (N, K, h', w'), or a sequence of such tensors (sizes may differ)
+) -> torch.Tensor:  # masked features F^t or F̃^t, (N, D, h, w)
     "Eq. 1 / 4: multiply `F` by the position-wise minimum over all K maps, each resized bilinearly to F's (h, w) first."
     N, _, h, w = _check_shape('mask_features', 'F', F, ('N', 'D', 'h', 'w'))
     parts = [maps] if isinstance(maps, torch.Tensor) else list(maps)
@@ -59,10 +59,10 @@ def mask_features(
 
 # %% ../nbs/00_core.ipynb #142efbb1
 def size_regularizer(
-    M: torch.Tensor,  # region maps $\tilde M^t$, (N, C, h, w)
-    labels: torch.Tensor,  # image-level multi-hot labels, (N, C); nonzero = $j \in \mathcal{C}_{pos}$
+    M: torch.Tensor,  # region maps M̃^t, (N, C, h, w)
+    labels: torch.Tensor,  # image-level multi-hot labels, (N, C); nonzero = j ∈ C_pos
     normalize: bool = False,  # divide each norm by sqrt(h*w) (all-ones map -> 1 at any resolution); not in the paper
-) -> torch.Tensor:  # scalar $L_{reg}$, averaged over the batch
+) -> torch.Tensor:  # scalar L_reg, averaged over the batch
     "Eq. 5: minus the mean Frobenius norm of each image's positive-category maps, averaged over the batch."
     N, C, h, w = _check_shape('size_regularizer', 'M', M, ('N', 'C', 'h', 'w'))
     _check_shape('size_regularizer', 'labels', labels, ('N', 'C'), N=N, C=C)
@@ -75,17 +75,17 @@ def size_regularizer(
 
 # %% ../nbs/00_core.ipynb #76c99f23
 def generator_loss(
-    cls_loss,  # $L_{cls}(\tilde F^t)$, the modulator's loss on the masked features (tensor or float)
-    reg,  # $L_{reg}$ from `size_regularizer`
-    lam: float,  # trade-off $\lambda$
-):  # $L_g$, same type as the inputs
+    cls_loss,  # L_cls(F̃^t), the modulator's loss on the masked features (tensor or float)
+    reg,  # L_reg from `size_regularizer`
+    lam: float,  # trade-off λ
+):  # L_g, same type as the inputs
     "Eq. 6: the generator maximises the modulator's loss, held back by the size regulariser: `-cls_loss + lam * reg`."
     return -cls_loss + lam * reg  # L_g = -L_cls + lambda * L_reg
 
 # %% ../nbs/00_core.ipynb #835dd6ac
 def merge_region_maps(
-    maps: Sequence[torch.Tensor],  # region maps $M_j^\tau$ of steps $\tau = 1..T_j$, all of one shape
-) -> torch.Tensor:  # merged map $M_j^f$, that same shape
+    maps: Sequence[torch.Tensor],  # region maps M_j^τ of steps τ = 1..T_j, all of one shape
+) -> torch.Tensor:  # merged map M_j^f, that same shape
     "Eq. 7: the element-wise minimum of a non-empty sequence of equal-shape region maps, one per step."
     if isinstance(maps, torch.Tensor) or not isinstance(maps, Sequence):
         raise ValueError(f"merge_region_maps: maps must be a non-empty list or tuple of tensors, one per step, got {type(maps).__name__}")
@@ -99,8 +99,8 @@ def merge_region_maps(
 # %% ../nbs/00_core.ipynb #43ca258a
 def input_scale(
     t: int,  # mining step, counted from 1
-    scales: Sequence[numbers.Real],  # $S = (s_1, ..., s_K)$, strictly increasing, K >= 2
-):  # $r_t$, the input resolution at step t
+    scales: Sequence[numbers.Real],  # S = (s_1, ..., s_K), strictly increasing, K >= 2
+):  # r_t, the input resolution at step t
     "Eq. 8: the input resolution at step `t` (from 1): s_t while t <= K, then s_K."
     s = list(scales) if isinstance(scales, Sequence) and not isinstance(scales, str) else []
     if len(s) < 2 or not all(isinstance(v, numbers.Real) for v in s):

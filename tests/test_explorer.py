@@ -32,9 +32,9 @@ def test_draw_object_numpy_without_judge_or_steps():
     fig = draw_object(img, gt, cls=2, merged=(r < 6).astype(float), bg_threshold=0.5)
     assert isinstance(fig, Figure)
     top = fig.axes[:5]
-    assert top[1].get_title() == f"ground truth: class 3, {int((gt == 3).sum())} px"
+    assert top[1].get_title() == f"ground truth\nclass 3, {int((gt == 3).sum())} px"
     assert 'no judge' in top[4].texts[0].get_text()             # CAM / erasing: nothing decides when to stop
-    assert 'no pseudo mask' in top[3].texts[0].get_text()
+    assert 'no pseudo\nmask' in top[3].texts[0].get_text()
     assert 'no per-step maps' in fig.axes[5].texts[0].get_text()
     assert len(top[2].collections) >= 1                          # the 'mined' contour on the merged map
 
@@ -140,7 +140,7 @@ def test_mine_small_views_and_widget():
     ex.method.value = 'cam'
     assert ex.step.max == 1 and 'CAM' in ex.figure._suptitle.get_text() and ex.figure is not first
     ex.method.value = 'fixed_erasing'; ex.step.value = 1
-    assert ex.figure.axes[2].get_title() == 'merged, steps 1..1'
+    assert ex.figure.axes[2].get_title() == 'merged\nsteps 1..1'
     j = int(data.objects[-1, 0])
     ex.image.value = j
     assert [c for _, c in ex.object.options] == data.labels[j].nonzero()[:, 0].tolist()
@@ -148,3 +148,54 @@ def test_mine_small_views_and_widget():
     if 'crf' in data.cues():
         ex.cue.value = 'crf'
         assert 'cue: crf' in ex.figure._suptitle.get_text()
+
+
+def _font_sizes(fig):
+    "The size (pt) of every piece of text a reader sees in `fig`: titles, labels, tick labels, notes."
+    texts = list(fig.texts)
+    for a in fig.axes:
+        texts += [a.title, a._left_title, a._right_title, a.xaxis.label, a.yaxis.label, *a.texts]
+        texts += [t for t in a.get_xticklabels() + a.get_yticklabels()]
+    return [t.get_fontsize() for t in texts if t.get_text().strip()]
+
+
+def test_draw_object_is_readable_at_page_width():
+    "At most 5 step panels a row (more steps wrap), a figure as wide as the page (6.6 in), no label under 9 pt."
+    r = torch.from_numpy(_disc()).float()
+    for T in (3, 7, 10):
+        maps = [(r < 2 + 2 * t).float() for t in range(T)]
+        fig = draw_object(torch.rand(3, 32, 32), (r < 9).long(), 0, merged=maps[-1], step_maps=maps,
+                          probs=torch.linspace(0.9, 0.1, T), stop_step=T, stop_threshold=0.5, scales=[32] * T,
+                          note='a long note ' * 20, title='a long title ' * 10)
+        rows = {}
+        for a in fig.axes[5:]: rows.setdefault(round(a.get_position().y0, 3), []).append(a)
+        assert max(len(v) for v in rows.values()) <= 5 and len(fig.axes) - 5 == 5 * -(-T // 5)
+        assert fig.get_figwidth() == pytest.approx(6.6)
+        assert min(_font_sizes(fig)) >= 9
+        fig.canvas.draw()                                        # the note and title are wrapped to the figure's width
+        w = fig.get_window_extent().width
+        assert all(t.get_window_extent().width <= w for t in (fig._suptitle, fig._supxlabel))
+
+
+def test_explorer_displays_nothing_until_shown(monkeypatch):
+    "Built and driven without being shown, the explorer displays nothing (a page shows its figure once); shown, it displays."
+    import multiminer.explorer as E
+    shown = []
+    monkeypatch.setattr(E, 'display', lambda *a, **k: shown.append(a))
+    monkeypatch.setattr(E, 'clear_output', lambda *a, **k: shown.append('clear'))
+    data = mine_small(n_images=8, n_classes=3, image_size=32, seed=1, settings=_tiny())
+    ex = Explorer(data)
+    ex.method.value = 'cam'; ex.method.value = 'multiminer'; ex.step.value = 1
+    assert shown == [] and ex.figure is not None
+    ex._ipython_display_()
+    assert shown[0] == (ex.widget,) and 'clear' in shown
+    n = len(shown); ex.method.value = 'cam'
+    assert len(shown) > n                                        # once shown, each change redraws the output area
+
+
+def test_no_empty_row_after_the_stop():
+    "Steps after the stop get no panels of their own: six steps that stopped at step 5 fill one row."
+    r = torch.from_numpy(_disc()).float()
+    maps = [(r < 2 + 2 * t).float() for t in range(6)]
+    fig = draw_object(torch.rand(3, 32, 32), (r < 9).long(), 0, merged=maps[3], step_maps=maps, stop_step=5)
+    assert len(fig.axes) == 5 + 5
