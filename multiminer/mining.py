@@ -230,7 +230,7 @@ def train_generator(self:MultiMiner, feats, masks, labels, bs):
 @patch
 @torch.no_grad()
 def judge_probs(self:MultiMiner, feats, masks, idx):
-    "p(j | F^t) for the images `idx`, (len(idx), C): from the modulator of the *other* half (cross-fitted) on hard- or soft-masked features."
+    "p(j | F^t) for the images `idx`, (len(idx), C), on hard- or soft-masked features: from the modulator just trained (judge 'self', the default) or, with judge 'cross', from the modulator trained on the half of the images that excludes each image."
     c = self.cfg
     m = masks[idx].to(self.device)
     if c.judge_input == 'hard': m = (m >= c.region_threshold).to(m.dtype)   # mined positions removed, not attenuated

@@ -92,7 +92,6 @@ def notebook_problems(path):
 KNOWN = {
     'cli.PseudoMaskDataset',          # 11_cli docstring: mask_dir/<image id>.png
     'cli.snapshot_result',            # 11_cli docstring: snapshots/step_<t>.pt
-    'mining.MultiMiner.judge_probs',  # 05_mining docstring, first line: *other*
     'pseudo.load_saliency',           # 07_pseudo_labels, comment of `folder`: <name>
 }
 
