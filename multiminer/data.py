@@ -481,10 +481,10 @@ class SyntheticScenes(Dataset):
                  min_visible=0.6,                 # placement keeps (in a disc model) this share of each object visible
                  part_area=0.06,                  # parts: an object has round(area / this) parts (image share), 1..max_parts
                  max_parts=5,                     # parts: most parts per object (part types per class)
-                 part_saturation=(1.0, 0.8, 0.65, 0.55, 0.5),  # parts: saturation of part type 0 (head), 1, ...
-                 part_contrast=(1.0, 0.6, 0.5, 0.45, 0.4),     # parts: contrast of each part type's two-colour pattern
-                 context=0.6,                     # parts: probability that the background shows a present class's habitat (its second region: half this)
-                 false_context=0.15,              # parts: ... an absent class's habitat
+                 part_saturation=(1.0, 0.65, 0.5, 0.4, 0.35),  # parts: saturation of part type 0 (head), 1, ...
+                 part_contrast=(1.0, 0.5, 0.4, 0.35, 0.3),     # parts: contrast of each part type's two-colour pattern
+                 context=0.9,                     # parts: probability that the background shows a present class's habitat (its second region: half this)
+                 false_context=0.05,              # parts: ... an absent class's habitat
                  body_regions=(1, 3),             # bodies: body sub-regions per object
                  part_fraction=(0.08, 0.2),       # bodies: area of the discriminative part / area of the object
                  body_hue_jitter=0.4,             # body (and habitat) hue = class body hue +- this fraction of the hue spacing
@@ -799,15 +799,17 @@ def _paint_parts(self: SyntheticScenes, P, r, k, u, v, inside):
     "The 'parts' layout: the object's parts, each in its class's look for that part type; colour (n, 3, S, S) and the head's pixels."
     looks, cfg = self.part_looks, self.config
     idx = _part_index(torch.where(_col(P['head_end'][r, k]), -u, u), inside, P['n_parts'][r, k], cfg['max_parts'])
+    head = inside & (idx == 0)
     if not cfg['show_parts']: idx = idx.clamp(min=min(1, cfg['max_parts'] - 1))   # the head painted like the next part
     cls = P['cls'][r, k]
     col = torch.zeros((len(r), 3) + tuple(u.shape[-2:]))
     for j in idx.unique().tolist():
-        ca, sa = _col(looks['angle'][cls, j]).cos(), _col(looks['angle'][cls, j]).sin()
-        w = _part_pattern(looks['pattern'][cls, j], u * ca + v * sa, v * ca - u * sa, looks['period'][cls, j])
-        pcol = torch.lerp(looks['rgb'][cls, j][:, :, None, None], looks['rgb2'][cls, j][:, :, None, None], w[:, None])
-        col = torch.where((idx == j)[:, None], pcol, col)
-    head = inside & (idx == 0) if cfg['show_parts'] else torch.zeros_like(inside)
+        rows = (idx == j).flatten(1).any(1).nonzero().flatten()   # only the objects that have part j
+        c, uj, vj = cls[rows], u[rows], v[rows]
+        ca, sa = _col(looks['angle'][c, j]).cos(), _col(looks['angle'][c, j]).sin()
+        w = _part_pattern(looks['pattern'][c, j], uj * ca + vj * sa, vj * ca - uj * sa, looks['period'][c, j])
+        pcol = torch.lerp(looks['rgb'][c, j][:, :, None, None], looks['rgb2'][c, j][:, :, None, None], w[:, None])
+        col[rows] = torch.where((idx[rows] == j)[:, None], pcol, col[rows])
     return col, head
 
 # %% ../nbs/01_data.ipynb #4f47ac36
