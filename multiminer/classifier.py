@@ -94,6 +94,7 @@ class Classifier(nn.Module):
         "The modulator's maps before global average pooling, (N, C, h, w), at feature resolution."
         return self.modulator.cam(self.extractor(x))
 
+# %% ../nbs/03_classifier.ipynb #bbfe892d
 def build_classifier(cfg: ClassifierConfig, n_classes: int) -> Classifier:
     "A fresh `Classifier` for `cfg` (seeded with `cfg.seed`; VGG-16 weights loaded as `cfg` says)."
     torch.manual_seed(cfg.seed)

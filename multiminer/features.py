@@ -58,6 +58,7 @@ def extract_features(extractor:nn.Module, # frozen feature extractor with `.out_
     local = _extract(extractor, part, size, batch_size, half, device, None, progress and is_main())
     return gather_rows(local, n) if out_path is None else _write_rows(local, n, out_path)
 
+# %% ../nbs/04_features.ipynb #bef5e18d
 @torch.no_grad()
 def _extract(extractor, images, size, batch_size, half, device, out_path, progress):
     "`extract_features` in one process."

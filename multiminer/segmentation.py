@@ -73,6 +73,7 @@ class _LargeFOV(nn.Module):
         h = self.drop7(F.relu(self.fc7(h), inplace=True))
         return F.interpolate(self.fc8(h), size=size, mode='bilinear', align_corners=False)
 
+# %% ../nbs/08_segmentation.ipynb #730a8b6b
 class DeepLabLargeFOV(_LargeFOV):
     "DeepLab-LargeFOV on VGG-16 (output stride 8); logits upsampled to the input size."
     def __init__(self, n_classes=21, pretrained=False, weights_path=None, dropout=0.5, progress=True):
@@ -219,6 +220,7 @@ def _as_image(x):
         raise ValueError(f"expected an image of shape (3, H, W); got {tuple(x.shape)}")
     return _check_range01(x.float())
 
+# %% ../nbs/08_segmentation.ipynb #2ea86b87
 def _check_range01(x):
     "Images must be un-normalised, in [0, 1]: the networks normalise them themselves."
     lo, hi = float(x.min()), float(x.max())
@@ -228,11 +230,13 @@ def _check_range01(x):
                          f"(e.g. voc_dataset(..., transform=None))")
     return x
 
+# %% ../nbs/08_segmentation.ipynb #1cc72b79
 def _as_mask(y):
     y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
     if y.ndim != 2: raise ValueError(f"expected a mask of shape (H, W); got {tuple(y.shape)}")
     return y.long()
 
+# %% ../nbs/08_segmentation.ipynb #d25088fc
 class _Pairs(torch.utils.data.Dataset):
     "Uniform (image, mask) view of tensors, lists, or a Dataset of (image, mask) / (image, labels, mask)."
     def __init__(self, images, masks=None):
@@ -279,6 +283,7 @@ def seg_augment(image, mask, crop_size=None, scale_range=(1.0, 1.0), flip=False,
     if flip and u() < 0.5: image, mask = image.flip(-1), mask.flip(-1)
     return image.contiguous(), mask.contiguous()
 
+# %% ../nbs/08_segmentation.ipynb #896e170d
 class _Augmented(torch.utils.data.Dataset):
     "Pairs augmented with a generator seeded by (seed, epoch, index): the same crops whatever the workers."
     def __init__(self, pairs, cfg, epoch):
@@ -437,6 +442,7 @@ def _probs_batch(model, x, scales, flip, amp):
             acc, n = acc + logits.softmax(1), n + 1
     return acc / n
 
+# %% ../nbs/08_segmentation.ipynb #60579ec6
 def _iter_probs(model, images, scales=(1.0,), flip=False, batch_size=8, device=None, amp=True):
     """Yield (index, image, item, probs) for every image: `images` is a (N,3,H,W) tensor (batched), or a list or
     Dataset of images or of tuples starting with the image (one at a time); `item` is the list/Dataset element."""
