@@ -15,7 +15,7 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch.utils.flop_counter import FlopCounterMode
 from torch.profiler import profile, ProfilerActivity
 import matplotlib.pyplot as plt
@@ -64,7 +64,7 @@ def practical_peak(device='cpu', dtype=torch.float32, n:int=2048, conv_shape=(4,
     mm = 2 * n**3 / best_seconds(lambda: a @ b, reps, device=device) / 1e9
     N, C, H, W = conv_shape
     x, w = torch.randn(conv_shape, device=device, dtype=dtype), torch.randn(C, C, 3, 3, device=device, dtype=dtype)
-    conv = 2 * N * C * C * 9 * H * W / best_seconds(lambda: F.conv2d(x, w, padding=1), reps, device=device) / 1e9
+    conv = 2 * N * C * C * 9 * H * W / best_seconds(lambda: nnf.conv2d(x, w, padding=1), reps, device=device) / 1e9
     return dict(matmul_gflops=round(mm, 1), conv_gflops=round(conv, 1), peak_gflops=round(max(mm, conv), 1),
                 matmul_n=n, conv_shape=list(conv_shape), dtype=str(dtype).replace('torch.', ''))
 

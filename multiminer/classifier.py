@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as tnf
+import torch.nn.functional as nnf
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
@@ -127,7 +127,7 @@ def _prepare(images, cfg, device, train=False, n_global=None):
     "Move to device, resize to cfg.input_size if needed, random flips when training with cfg.hflip (drawn for the `n_global` images of the whole batch when it is split over ranks)."
     images = images.to(device, non_blocking=True).float()
     if images.shape[-2:] != (cfg.input_size, cfg.input_size):
-        images = tnf.interpolate(images, size=(cfg.input_size, cfg.input_size), mode='bilinear', align_corners=False)
+        images = nnf.interpolate(images, size=(cfg.input_size, cfg.input_size), mode='bilinear', align_corners=False)
     if train and cfg.hflip:
         flip = shard(torch.rand(images.shape[0] if n_global is None else n_global) < 0.5)
         images = torch.where(flip.to(device)[:, None, None, None], images.flip(-1), images)
@@ -155,7 +155,7 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
     use_amp = cfg.amp and device.type == 'cuda'      # mixed precision, and NHWC for the tensor cores' convolutions
     if use_amp: clf = clf.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler('cuda', enabled=use_amp)
-    if world_size() > 1: global_batch_layers(clf)   # batch statistics of the whole batch (14_distributed)
+    if world_size() > 1: global_batch_layers(clf)   # batch statistics of the whole batch (00a_runtime)
     opt, sched = make_optimizer(cfg, clf)
     ckpt, start = (Path(out_dir)/CHECKPOINT_NAME if out_dir is not None else None), 0
     if resume:
@@ -224,7 +224,7 @@ def compute_cams(classifier: Classifier, images: torch.Tensor, batch_size=64, si
     out = []
     for i in range(0, len(images), batch_size):
         cam = classifier.cam(images[i:i + batch_size].to(device).float()).relu()
-        cam = tnf.interpolate(cam, size=size, mode='bilinear', align_corners=False)
+        cam = nnf.interpolate(cam, size=size, mode='bilinear', align_corners=False)
         out.append((cam / (cam.amax(dim=(2, 3), keepdim=True) + eps)).cpu())
     classifier.train(was_training)
     return torch.cat(out)
@@ -239,7 +239,7 @@ def evaluate_classifier(classifier: Classifier, dataset: Dataset, batch_size=64,
     tot, n, right, exact = 0., 0, 0, 0
     for images, labels, *_ in DataLoader(dataset, batch_size=batch_size):
         logits, y = classifier(images.to(device).float()), labels.to(device).float()
-        tot += tnf.binary_cross_entropy_with_logits(logits, y, reduction='sum').item() / y.shape[1]
+        tot += nnf.binary_cross_entropy_with_logits(logits, y, reduction='sum').item() / y.shape[1]
         r = (logits > 0) == (y > 0.5)
         n += len(y); right += r.sum().item(); exact += r.all(1).sum().item()
     classifier.train(was_training)

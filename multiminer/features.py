@@ -10,7 +10,7 @@ import contextlib, math
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import nn
 from .runtime import atomic_path, barrier, gather_rows, is_main, progress_bar, rank, world_size
 
@@ -22,7 +22,7 @@ def resize_images(images:torch.Tensor, # (N, 3, H, W) float images
     if images.ndim != 4: raise ValueError(f"resize_images: images must be (N, 3, H, W), got shape {tuple(images.shape)}")
     if int(size) < 1: raise ValueError(f"resize_images: size must be a positive int, got {size}")
     if images.shape[-2:] == (size, size): return images
-    return F.interpolate(images, size=(int(size), int(size)), mode='bilinear', align_corners=False)
+    return nnf.interpolate(images, size=(int(size), int(size)), mode='bilinear', align_corners=False)
 
 # %% ../nbs/04_features.ipynb #1156041f
 def _image_batches(images, size, batch_size):

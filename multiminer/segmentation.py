@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
@@ -69,9 +69,9 @@ class _LargeFOV(nn.Module):
     def forward(self, x):
         size = x.shape[-2:]
         h = self.pool5a(self.features(self.normalize(x)))
-        h = self.drop6(F.relu(self.fc6(h), inplace=True))
-        h = self.drop7(F.relu(self.fc7(h), inplace=True))
-        return F.interpolate(self.fc8(h), size=size, mode='bilinear', align_corners=False)
+        h = self.drop6(nnf.relu(self.fc6(h), inplace=True))
+        h = self.drop7(nnf.relu(self.fc7(h), inplace=True))
+        return nnf.interpolate(self.fc8(h), size=size, mode='bilinear', align_corners=False)
 
 # %% ../nbs/08_segmentation.ipynb #730a8b6b
 class DeepLabLargeFOV(_LargeFOV):
@@ -133,7 +133,7 @@ class DeepLabResNet101(nn.Module):
         size, b = x.shape[-2:], self.backbone
         h = b.maxpool(b.relu(b.bn1(b.conv1(self.normalize(x)))))
         h = b.layer4(b.layer3(b.layer2(b.layer1(h))))
-        return F.interpolate(sum(c(h) for c in self.aspp), size=size, mode='bilinear', align_corners=False)
+        return nnf.interpolate(sum(c(h) for c in self.aspp), size=size, mode='bilinear', align_corners=False)
 
 # %% ../nbs/08_segmentation.ipynb #00d42796
 class SmallDeepLab(_LargeFOV):
@@ -267,15 +267,15 @@ def seg_augment(image, mask, crop_size=None, scale_range=(1.0, 1.0), flip=False,
     s = lo + (hi - lo) * u()
     if s != 1.0:
         size = (max(1, round(image.shape[1] * s)), max(1, round(image.shape[2] * s)))
-        image = F.interpolate(image[None], size=size, mode='bilinear', align_corners=False)[0]
-        mask = F.interpolate(mask[None, None].float(), size=size, mode='nearest')[0, 0].long()
+        image = nnf.interpolate(image[None], size=size, mode='bilinear', align_corners=False)[0]
+        mask = nnf.interpolate(mask[None, None].float(), size=size, mode='nearest')[0, 0].long()
     if crop_size is not None:
         H, W = mask.shape
         ph, pw = max(crop_size - H, 0), max(crop_size - W, 0)
         if ph or pw:
             mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).view(3, 1, 1)
-            image = F.pad(image - mean, (0, pw, 0, ph)) + mean
-            mask = F.pad(mask, (0, pw, 0, ph), value=ignore_index)
+            image = nnf.pad(image - mean, (0, pw, 0, ph)) + mean
+            mask = nnf.pad(mask, (0, pw, 0, ph), value=ignore_index)
         H, W = mask.shape
         top, left = int(u() * (H - crop_size + 1)), int(u() * (W - crop_size + 1))
         image = image[:, top:top + crop_size, left:left + crop_size]
@@ -325,7 +325,7 @@ def check_same_run(saved:dict, cfg, path):
 # %% ../nbs/08_segmentation.ipynb #633ec461
 def _seg_loss(logits, target, ignore_index):
     "Mean cross-entropy over the pixels whose label is not `ignore_index` (0 when there are none)."
-    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction='sum')
+    loss = nnf.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction='sum')
     return loss / (target != ignore_index).sum().clamp(min=1)
 
 # %% ../nbs/08_segmentation.ipynb #48b3b0dc
@@ -388,7 +388,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
             start, history = resume_from(ckpt, model, opt, scaler=scaler)
             say(progress, f"resuming from {ckpt_path} after epoch {start}/{cfg.epochs}")
         elif resume: say(progress, f"no checkpoint in {out_dir}; starting from scratch")
-        if world_size() > 1: global_batch_layers(model)   # batch statistics and dropout masks of the whole batch (14_distributed)
+        if world_size() > 1: global_batch_layers(model)   # batch statistics and dropout masks of the whole batch (00a_runtime)
         net, progress = ddp(model), progress and is_main()
         for epoch in range(start, cfg.epochs):
             t0, model = time.time(), model.train()
@@ -431,14 +431,14 @@ def _probs_batch(model, x, scales, flip, amp):
     H, W = x.shape[-2:]
     acc, n = 0., 0
     for s in scales:
-        xs = x if s == 1 else F.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))),
+        xs = x if s == 1 else nnf.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))),
                                             mode='bilinear', align_corners=False)
         for fl in ([False, True] if flip else [False]):
             with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
                 logits = model(xs.flip(-1) if fl else xs).float()
             if fl: logits = logits.flip(-1)
             if logits.shape[-2:] != (H, W):
-                logits = F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
+                logits = nnf.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
             acc, n = acc + logits.softmax(1), n + 1
     return acc / n
 
