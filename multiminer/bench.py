@@ -10,16 +10,17 @@ __all__ = ['MEMORY_STAGES', 'FWD_MODELS', 'FWD_SIZES', 'PRECISIONS', 'BENCH_KEYS
            'profile_step', 'add_bench_args', 'bench_from_args']
 
 # %% ../nbs/13_bench.ipynb #eba354a4
-import copy, dataclasses, gc, json, math, os, resource, subprocess, sys, time
+import copy, dataclasses, gc, json, math, os, resource, subprocess, sys, time, types
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch.utils.flop_counter import FlopCounterMode
 from torch.profiler import profile, ProfilerActivity
 import matplotlib.pyplot as plt
 import multiminer
+from .runtime import atomic_path
 from .features import FeatureBank, resize_images
 from .classifier import build_classifier, train_classifier, freeze
 from .models import vgg16_extractor, ParallelModulator
@@ -63,7 +64,7 @@ def practical_peak(device='cpu', dtype=torch.float32, n:int=2048, conv_shape=(4,
     mm = 2 * n**3 / best_seconds(lambda: a @ b, reps, device=device) / 1e9
     N, C, H, W = conv_shape
     x, w = torch.randn(conv_shape, device=device, dtype=dtype), torch.randn(C, C, 3, 3, device=device, dtype=dtype)
-    conv = 2 * N * C * C * 9 * H * W / best_seconds(lambda: F.conv2d(x, w, padding=1), reps, device=device) / 1e9
+    conv = 2 * N * C * C * 9 * H * W / best_seconds(lambda: nnf.conv2d(x, w, padding=1), reps, device=device) / 1e9
     return dict(matmul_gflops=round(mm, 1), conv_gflops=round(conv, 1), peak_gflops=round(max(mm, conv), 1),
                 matmul_n=n, conv_shape=list(conv_shape), dtype=str(dtype).replace('torch.', ''))
 
@@ -155,6 +156,7 @@ class _Loaded(torch.utils.data.Dataset):
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return self.images[i], self.labels[i], self.masks[i]
 
+# %% ../nbs/13_bench.ipynb #563f2ef5
 MEMORY_STAGES = ('data', 'classifier', 'features', 'saliency', 'mining', 'pseudo_masks', 'segmentation')
 
 def stage_memory(data_path:str, n_images:int, seed:int=0, device='cpu', epochs:int=1, erasing_steps:int=1,
@@ -203,6 +205,7 @@ def stage_memory(data_path:str, n_images:int, seed:int=0, device='cpu', epochs:i
         out['steps'] = {str(k): v for k, v in added.items()}
     return out
 
+# %% ../nbs/13_bench.ipynb #42731874
 def in_child(fn_name:str, timeout:float=900, **kwargs) -> dict:
     "Run `multiminer.bench.<fn_name>(**kwargs)` in a fresh Python process and return its JSON result. glibc there maps every block over 128 KiB on its own (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident set at once and peaks are not hidden by reused heap."
     root = str(Path(multiminer.__file__).resolve().parent.parent)
@@ -281,7 +284,7 @@ class BenchSizes:
         return cls(**{**dict(n_images=8, reps=1, reps_4n=1, peak_n=512, peak_conv=(1, 64, 32, 32), vgg_images=0, crf_images=8,
                              memory_images=None, fwd_sizes=()), **kw})
 
-# %% ../nbs/13_bench.ipynb #4bc2623e
+# %% ../nbs/13_bench.ipynb #8d6e8a2d
 def _cpu_seconds():
     "User + system CPU seconds of this process and of its finished children (the load of a run, whatever else runs)."
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -291,23 +294,10 @@ def _seconds(fn, device='cpu'):
     _sync(device); t0 = time.perf_counter(); fn(); _sync(device)
     return time.perf_counter() - t0
 
-def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=None, data:str='scenes',
-              progress:bool=True) -> dict:
-    "Measure every key of `BENCH_KEYS` in one run, as ratios where the figure is machine-dependent; write `out/bench.json` atomically, print a table, return the result."
-    check_demo_args(out, seed=seed, device=device)
-    if data not in ('scenes', 'shapes'): raise ValueError(f"--data must be 'scenes' or 'shapes', got {data!r}")
-    sz = sizes or (BenchSizes.quick() if quick else BenchSizes())
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    device, cuda = str(device), torch.device(device).type == 'cuda'
-    res, skipped, det = {}, {}, {}
-    t_all, load0, cpu0 = time.perf_counter(), os.getloadavg(), _cpu_seconds()
-    def say(*a):
-        if progress: print(f"[{time.perf_counter() - t_all:5.0f}s]", *a, flush=True)
-    def skip(key, why): _put(res, key, None); skipped[key] = why
-
-    say("practical peak: matrix product and 3×3 convolution")
-    det['peak'] = practical_peak(device, n=sz.peak_n, conv_shape=sz.peak_conv, reps=max(2, sz.reps))
-
+# %% ../nbs/13_bench.ipynb #634b9b97
+def _bench_setup(b):
+    "The default preset's set, random extractor and modulator and features; mining step 1 counted and timed on them (cached at N and 4N images, re-extracted at N)."
+    res, det, sz, device, seed, data, say = b.res, b.det, b.sz, b.device, b.seed, b.data, b.say
     N = sz.n_images
     n_set = max(4 * N, 2 * max(sz.memory_images or (0,)))
     say(f"default preset ({data}): {n_set} images, random extractor and modulator, features at every scale")
@@ -329,7 +319,12 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
     det['synthetic_step'] = dict(seconds={k: round(v, 3) for k, v in t.items()}, n_images=N, conv_gflop_4n=round(flops / 1e9, 2),
                                  achieved_gflops=round(achieved, 1), modulator_alone_gflops=round(ceiling, 1),
                                  feature_shapes={s: list(bank[s].shape[1:]) for s in cfg.scales}, config=asdict(cfg))
+    b.S, b.ds, b.clf, b.bank, b.labels, b.cfg, b.n_set = S, ds, clf, bank, labels, cfg, n_set
 
+# %% ../nbs/13_bench.ipynb #e230c751
+def _bench_vgg(b):
+    "Mining step 1 with VGG-16 (random weights) at 321² and the paper's modulator: cached features against re-extracted."
+    res, det, sz, device, seed, say, skip, ds, labels = b.res, b.det, b.sz, b.device, b.seed, b.say, b.skip, b.ds, b.labels
     if sz.vgg_images:
         nv = sz.vgg_images
         say(f"VGG-16 (random weights) at 321², {nv} image{'s' if nv > 1 else ''}, width-1024 modulator, n_m={sz.vgg_n_m}: cached against re-extracted")
@@ -349,7 +344,12 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
         del ext, mod, vb, va
     else: skip('cached_vs_reextract.vgg16_321', 'not measured at these sizes (vgg_images=0)')
 
-    nc = min(sz.crf_images, n_set)
+# %% ../nbs/13_bench.ipynb #1acecae5
+def _bench_crf(b):
+    "Dense-CRF images per second with 1 and 2 workers."
+    res, det, sz, device, say, ds, labels, clf, bank, cfg, S = (b.res, b.det, b.sz, b.device, b.say, b.ds, b.labels, b.clf,
+                                                                b.bank, b.cfg, b.S)
+    nc = min(sz.crf_images, b.n_set)
     say(f"dense CRF on {nc} images with 1 and 2 workers")
     strength = normalized_cam(clf.modulator, bank[cfg.scales[0]][:nc], device=device)
     crf = lambda w: _seconds(lambda: crf_refine(ds.images[:nc], strength, labels[:nc], bg_threshold=S.bg_threshold('cam', crf=True), workers=w))
@@ -358,6 +358,10 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
     det['crf'] = dict(n_images=nc, image_size=int(ds.images.shape[-1]), seconds={k: round(v, 3) for k, v in tc.items()},
                       workers={'1': 'in this process (workers=0)', '2': 'two forked processes (workers=2)'})
 
+# %% ../nbs/13_bench.ipynb #1718a97c
+def _bench_memory(b):
+    "Peak memory per image of every stage, and of mining 2k steps against k, each in a fresh process."
+    res, det, sz, device, seed, data, out, say, skip, ds = b.res, b.det, b.sz, b.device, b.seed, b.data, b.out, b.say, b.skip, b.ds
     if sz.memory_images:
         n1, n2 = sz.memory_images
         say(f"peak memory per stage at {n1} and {n2} images, and mining {sz.memory_steps} against {2 * sz.memory_steps} steps (fresh processes)")
@@ -387,6 +391,10 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
         for k in ('memory_ratio_steps',) + tuple(f'memory_per_image.{s}' for s in ('demo',) + MEMORY_STAGES):
             skip(k, 'not measured at these sizes (memory_images=None)')
 
+# %% ../nbs/13_bench.ipynb #6e5777e8
+def _bench_fwd_bwd(b):
+    "Forward + backward images per second of VGG-16 and DeepLab-LargeFOV at each size and precision."
+    res, det, sz, device, seed, cuda, say, skip = b.res, b.det, b.sz, b.device, b.seed, b.cuda, b.say, b.skip
     for name, build in (('vgg16', vgg16_extractor), ('deeplab_largefov', lambda: DeepLabLargeFOV(21))):
         for prec in PRECISIONS:
             if prec == 'amp' and not cuda:
@@ -401,6 +409,27 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
             del model
     det['fwd_bwd'] = dict(batch=sz.fwd_batch, reps=sz.fwd_reps, weights='random', loss='mean of the outputs, no optimiser step')
 
+# %% ../nbs/13_bench.ipynb #4bc2623e
+def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=None, data:str='scenes',
+              progress:bool=True) -> dict:
+    "Measure every key of `BENCH_KEYS` in one run, as ratios where the figure is machine-dependent; write `out/bench.json` atomically, print a table, return the result."
+    check_demo_args(out, seed=seed, device=device)
+    if data not in ('scenes', 'shapes'): raise ValueError(f"--data must be 'scenes' or 'shapes', got {data!r}")
+    sz = sizes or (BenchSizes.quick() if quick else BenchSizes())
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    device, cuda = str(device), torch.device(device).type == 'cuda'
+    res, skipped, det = {}, {}, {}
+    t_all, load0, cpu0 = time.perf_counter(), os.getloadavg(), _cpu_seconds()
+    def say(*a):
+        if progress: print(f"[{time.perf_counter() - t_all:5.0f}s]", *a, flush=True)
+    def skip(key, why): _put(res, key, None); skipped[key] = why
+
+    say("practical peak: matrix product and 3×3 convolution")
+    det['peak'] = practical_peak(device, n=sz.peak_n, conv_shape=sz.peak_conv, reps=max(2, sz.reps))
+    b = types.SimpleNamespace(out=out, device=device, cuda=cuda, seed=seed, data=data, sz=sz, res=res, det=det, say=say,
+                              skip=skip)
+    _bench_setup(b); _bench_vgg(b); _bench_crf(b); _bench_memory(b); _bench_fwd_bwd(b)
+
     res = {k: res[k] for k in dict.fromkeys(key.split('.')[0] for key in BENCH_KEYS)}
     res['skipped'], res['details'] = skipped, det
     res['config'] = dict(quick=quick, device=device, seed=seed, data=data, sizes=asdict(sz), torch=torch.__version__,
@@ -409,10 +438,11 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
                          cpu_seconds=round(_cpu_seconds() - cpu0, 1),
                          gpu=torch.cuda.get_device_name(device) if cuda else None)
     res = json.loads(json.dumps(res, default=float))
-    tmp = out/'bench.json.tmp'; tmp.write_text(json.dumps(res, indent=1)); os.replace(tmp, out/'bench.json')
+    with atomic_path(out/'bench.json') as tmp: tmp.write_text(json.dumps(res, indent=1))
     if progress: print(format_bench(res))
     return res
 
+# %% ../nbs/13_bench.ipynb #b273a8c0
 def _fmt(v): return 'null' if v is None else f"{v:.3g}"
 
 def format_bench(res:dict) -> str:

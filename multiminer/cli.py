@@ -6,22 +6,38 @@
 __all__ = ['PRESETS', 'DATA_KINDS', 'SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'N_VAL_SYNTHETIC', 'RUN_FILE', 'VOC_TEST_RESULTS',
            'SEED_MAX', 'RUN_MAX_BYTES', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE', 'SALIENCY_MODES', 'SNAPSHOTS',
            'MULTI_SCALES', 'DISTRIBUTED', 'CLIError', 'build_parser', 'read_run', 'write_json', 'write_run',
-           'available_memory', 'synthetic_bytes', 'demo_settings', 'resolve_data', 'file_sha256', 'tree_sha256',
-           'output_sha256', 'data_fingerprint', 'require_upstream', 'check_same_data', 'prepare_out', 'check_resume',
-           'VOCImages', 'cmd_demo', 'cmd_table2', 'cmd_fig6', 'cmd_train_classifier', 'save_mining_result',
-           'load_mining_result', 'cmd_mine', 'cmd_erase', 'cmd_pseudo_labels', 'snapshot_path', 'save_snapshot',
-           'snapshot_result', 'merged_miou', 'PseudoMaskDataset', 'cmd_train_seg', 'VOCTestImages', 'cmd_evaluate',
-           'main']
+           'available_memory', 'synthetic_bytes', 'demo_settings', 'resolve_data', 'output_sha256', 'data_fingerprint',
+           'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'VOCImages', 'cmd_demo', 'cmd_table2',
+           'cmd_fig6', 'cmd_train_classifier', 'save_mining_result', 'load_mining_result', 'cmd_mine', 'cmd_erase',
+           'cmd_pseudo_labels', 'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou', 'PseudoMaskDataset',
+           'cmd_train_seg', 'VOCTestImages', 'cmd_evaluate', 'main']
 
 # %% ../nbs/11_cli.ipynb #3314d257
-import argparse, contextlib, hashlib, json, os, random, re, shutil, sys, time
+import argparse, contextlib, dataclasses, hashlib, json, os, re, shutil, sys, time, types
+from dataclasses import asdict, replace
 from pathlib import Path
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
-from .features import progress_bar   # the package's tqdm bar (also imported from here by 03 and 08)
 from . import __version__
+from .runtime import (atomic_path, atomic_save, barrier, file_sha256, init_distributed, is_main, kept_rng,
+                                launched, ordered_map, progress_bar, resume_from, say, tree_sha256)
+from .data import (IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC_PALETTE, _resolve_roots, image_file_size,
+                             labels_from_mask, read_image_file, read_mask_file, voc_dataset, voc_transforms)
+from .models import CheckpointError, load_checkpoint
+from .classifier import (CHECKPOINT_NAME, ClassifierConfig, build_classifier, freeze, load_classifier,
+                                   make_optimizer, n_classes_of, train_classifier)
+from .features import FeatureBank
+from .mining import MiningConfig, MiningResult, MultiMiner, object_index
+from .baselines import ErasingConfig, fixed_erasing
+from .metrics import confusion_matrix, iou_per_class, miou
+from .pseudo import SALIENCY_BG, crf_refine, load_saliency, pseudo_masks
+from .segmentation import (SegConfig, build_segmentation_model, check_same_run, evaluate, iter_masks,
+                                     load_segmentation_model, seg_optimizer, train_segmentation)
+from .demo import (DemoSettings, check_demo_args, make_synthetic, plot_miou_by_steps, run_demo,
+                             run_segmentation_by_steps, run_table2)
 from .bench import add_bench_args, bench_from_args
-from .distributed import barrier, init_distributed, is_main, launched
 
 # %% ../nbs/11_cli.ipynb #d113e77f
 PRESETS = ('voc', 'synthetic')
@@ -36,6 +52,7 @@ SEED_MAX = 2**32 - 1           # seeds are mixed into other integers (seed * 100
 class CLIError(Exception):
     "A user error: printed as `multiminer <command>: error: <message>`; exit code 2."
 
+# %% ../nbs/11_cli.ipynb #e13f07be
 def _int_at_least(lo, hi=None):
     want = f">= {lo}" if hi is None else f"in {lo}..{hi}"
     def conv(s):
@@ -46,6 +63,7 @@ def _int_at_least(lo, hi=None):
     conv.__name__ = f'integer {want}'
     return conv
 
+# %% ../nbs/11_cli.ipynb #adfee91c
 def _fraction(s):
     "A float strictly between 0 and 1."
     try: v = float(s)
@@ -53,13 +71,14 @@ def _fraction(s):
     if not 0 < v < 1: raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {v}")
     return v
 
+# %% ../nbs/11_cli.ipynb #610c069c
 def _device(s):
     if s == 'cpu' or re.fullmatch(r'cuda(:\d+)?', s): return s
     raise argparse.ArgumentTypeError(f"must be 'cpu' or 'cuda' (or 'cuda:i'), got {s!r}")
 
+# %% ../nbs/11_cli.ipynb #0346423e
 def _check_device(device):
     if device.startswith('cuda'):
-        import torch
         if not torch.cuda.is_available(): raise CLIError(f"--device {device}: CUDA is not available on this machine")
 
 # %% ../nbs/11_cli.ipynb #2eb7ddcf
@@ -101,22 +120,13 @@ def _parents():
     quiet.add_argument('--quiet', action='store_true', help="print only the result, no progress")
     return run, quiet, data, train
 
-# %% ../nbs/11_cli.ipynb #53cf5adf
-def build_parser() -> argparse.ArgumentParser:
-    "The `multiminer` argument parser, one subparser per command."
-    p = argparse.ArgumentParser(prog='multiminer', description="Multi-Miner (object-adaptive region mining for "
-                                "weakly-supervised semantic segmentation): the synthetic demo, and one command per "
-                                "stage of the pipeline on PASCAL VOC 2012 or synthetic data.")
-    p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
-    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    run, quiet, data, train = _parents()
-    ex = lambda s: f"example:\n  {s}"
-    add = lambda name, parents, help, epilog: sub.add_parser(
-        name, parents=parents, help=help, description=help, epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+# %% ../nbs/11_cli.ipynb #b89ddfd9
+def _example(s): return f"example:\n  {s}"
 
+def _demo_commands(add):
+    "`demo`, `table2` and `fig6`: the synthetic benchmark measured, each with the demo's own options."
     d = add('demo', [], "The whole pipeline on the synthetic data, measured: metrics.json and figures in --out.",
-            ex("multiminer demo --out runs/demo --n-images 400"))
+            _example("multiminer demo --out runs/demo --n-images 400"))
     d.add_argument('--out', default='runs/demo', help="output folder (default runs/demo)")
     d.add_argument('--seed', type=_int_at_least(0, SEED_MAX), default=0, help="seed of data and training (default 0)")
     d.add_argument('--n-images', type=int, default=400, help="training images (default 400)")
@@ -134,21 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "pseudo-mask and segmentation mIoU per row (table2.json)", 'runs/table2'),
                             ('fig6', "Fig. 6: segmentation mIoU of networks trained on the first T merged steps, "
                              "T = 1, 2, ... (fig6.json)", 'runs/fig6')):
-        x = add(name, [], what + ". On the synthetic benchmark, with the demo's settings.", ex(f"multiminer {name} --out {fig}"))
+        x = add(name, [], what + ". On the synthetic benchmark, with the demo's settings.", _example(f"multiminer {name} --out {fig}"))
         x.add_argument('--out', default=fig, help=f"output folder (default {fig})")
         for a in ('--seed', '--n-images', '--n-classes', '--image-size', '--device', '--resume', '--force', '--quiet', '--data'):
             x._add_action(next(act for act in d._actions if a in act.option_strings))
 
+# %% ../nbs/11_cli.ipynb #4010eadf
+def _mining_commands(add, data, train, run):
+    "`train-classifier`, `mine` and `erase`: stage 0, stage 1, and the erasing baseline on stage 0's features."
     c = add('train-classifier', [data, train, run], "Stage 0: train the feature extractor and the parallel "
             "modulator as a multi-label classifier.",
-            ex("multiminer train-classifier --preset voc --voc-root DATA --out runs/voc/classifier --device cuda"))
+            _example("multiminer train-classifier --preset voc --voc-root DATA --out runs/voc/classifier --device cuda"))
     c.add_argument('--out', required=True, metavar='DIR', help="output folder (classifier.pt, run.json)")
     c.add_argument('--modulator-width', type=_int_at_least(1), metavar='N', help="channels of the modulator's two 3x3 "
                    "convolutions (default: the preset's, 1024 for voc); smaller only for quick tests of the VOC path")
 
     m = add('mine', [data, run], "Stage 1: Algorithm 1, object-adaptive region mining with the multi-scale "
             "schedule, on the frozen classifier's features.",
-            ex("multiminer mine --preset voc --voc-root DATA --classifier runs/voc/classifier --out runs/voc/mining "
+            _example("multiminer mine --preset voc --voc-root DATA --classifier runs/voc/classifier --out runs/voc/mining "
                "--device cuda"))
     m.add_argument('--classifier', required=True, metavar='DIR', help="a train-classifier output folder")
     m.add_argument('--out', required=True, metavar='DIR', help="output folder (mining_result.pt, summary.json, "
@@ -166,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = add('erase', [data, run], "Baseline: fixed-step erasing (every object erased for the same number of steps) on "
             "the frozen classifier's features, for comparison with `mine`; `pseudo-labels --mining` reads its folder.",
-            ex("multiminer erase --preset voc --voc-root DATA --classifier runs/voc/classifier --out runs/voc/erasing "
+            _example("multiminer erase --preset voc --voc-root DATA --classifier runs/voc/classifier --out runs/voc/erasing "
                "--device cuda"))
     r.add_argument('--classifier', required=True, metavar='DIR', help="a train-classifier output folder")
     r.add_argument('--out', required=True, metavar='DIR', help="output folder (mining_result.pt, summary.json, "
@@ -175,13 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--steps', type=_int_at_least(1), metavar='K', help="erasing steps, the same for every object "
                    "(default 3, the demo's)")
 
-    add_bench_args(add('bench', [], "Benchmark: mining's cost (cached features against re-extraction, per image, per step), "
-                       "memory per image, fraction of the machine's measured peak, CRF and network throughput; writes bench.json.",
-                       ex("multiminer bench --quick --out runs/bench")))
-
+# %% ../nbs/11_cli.ipynb #8dd9ddf4
+def _label_commands(add, quiet, data, train, run):
+    "`pseudo-labels`, `train-seg` and `evaluate`: stages 2 to 4."
     q = add('pseudo-labels', [quiet], "Stage 2: pseudo masks from the merged region maps (Eq. 7), with "
             "optional saliency background cues and dense CRF; their mIoU against the ground truth.",
-            ex("multiminer pseudo-labels --mining runs/voc/mining --out runs/voc/pseudo --saliency DATA/saliency --crf"))
+            _example("multiminer pseudo-labels --mining runs/voc/mining --out runs/voc/pseudo --saliency DATA/saliency --crf"))
     q.add_argument('--mining', required=True, metavar='DIR', help="a mine output folder")
     q.add_argument('--out', required=True, metavar='DIR', help="output folder (masks/*.png for VOC, "
                    "pseudo_masks.pt for synthetic data, summary.json)")
@@ -201,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add('train-seg', [data, train, run], "Stage 3: train the segmentation network on the images and their "
             "pseudo masks.",
-            ex("multiminer train-seg --preset voc --model deeplab-largefov --voc-root DATA --pseudo runs/voc/pseudo "
+            _example("multiminer train-seg --preset voc --model deeplab-largefov --voc-root DATA --pseudo runs/voc/pseudo "
                "--out runs/voc/seg --device cuda"))
     s.add_argument('--model', choices=SEG_MODELS, help="default: deeplab-largefov for --preset voc, small for synthetic")
     s.add_argument('--pseudo', required=True, metavar='DIR', help="a pseudo-labels output folder")
@@ -209,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = add('evaluate', [data, run], "Stage 4: mIoU of a trained segmentation network (whole images, "
             "optional multi-scale + flip and dense CRF).",
-            ex("multiminer evaluate --preset voc --voc-root DATA --seg runs/voc/seg --split val --crf "
+            _example("multiminer evaluate --preset voc --voc-root DATA --seg runs/voc/seg --split val --crf "
                "--out runs/voc/eval --device cuda"))
     e.add_argument('--seg', required=True, metavar='DIR', help="a train-seg output folder")
     e.add_argument('--split', choices=('val', 'train', 'train_aug', 'test'), default='val', help="default val; "
@@ -225,6 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--out', required=True, metavar='DIR', help="output folder for eval_<split>.json (not the --seg "
                    "folder: every stage writes its own)")
     e.add_argument('--force', action='store_true', help="replace eval_<split>.json in --out instead of refusing it")
+
+# %% ../nbs/11_cli.ipynb #53cf5adf
+def build_parser() -> argparse.ArgumentParser:
+    "The `multiminer` argument parser, one subparser per command."
+    p = argparse.ArgumentParser(prog='multiminer', description="Multi-Miner (object-adaptive region mining for "
+                                "weakly-supervised semantic segmentation): the synthetic demo, and one command per "
+                                "stage of the pipeline on PASCAL VOC 2012 or synthetic data.")
+    p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    run, quiet, data, train = _parents()
+    add = lambda name, parents, help, epilog: sub.add_parser(
+        name, parents=parents, help=help, description=help, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _demo_commands(add)
+    _mining_commands(add, data, train, run)
+    add_bench_args(add('bench', [], "Benchmark: mining's cost (cached features against re-extraction, per image, per step), "
+                       "memory per image, fraction of the machine's measured peak, CRF and network throughput; writes bench.json.",
+                       _example("multiminer bench --quick --out runs/bench")))
+    _label_commands(add, quiet, data, train, run)
     return p
 
 # %% ../nbs/11_cli.ipynb #3e0219da
@@ -237,6 +268,7 @@ def _not_a_run(p, what):
     return CLIError(f"{p} is not a run record as multiminer writes it ({what}): it was edited or damaged; run the stage "
                     f"that wrote it again, into a new --out (or delete the file)")
 
+# %% ../nbs/11_cli.ipynb #fca94a8f
 def _check_run(rec, p):
     "The keys other stages rely on have the types the stages write; output names stay inside the folder; else a CLIError naming `p`."
     if not isinstance(rec, dict): raise _not_a_run(p, f"a JSON {type(rec).__name__}, not an object")
@@ -265,6 +297,7 @@ def _check_run(rec, p):
                 raise _not_a_run(p, f"data.{k} is {d[k]}, not in {lo}..{'' if hi is None else hi}")
     return rec
 
+# %% ../nbs/11_cli.ipynb #939f6a68
 def read_run(folder) -> dict:
     "The run.json a stage wrote in `folder` ({} when there is none); a damaged or edited one is a CLIError naming it."
     p = Path(folder)/RUN_FILE
@@ -274,13 +307,14 @@ def read_run(folder) -> dict:
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CLIError(f"{p} is not valid JSON ({type(e).__name__}: {str(e)[:120]}): it is damaged; run that stage again") from None
 
+# %% ../nbs/11_cli.ipynb #bcd5ab90
 def write_json(path, obj):
     "Write `obj` as JSON to `path` atomically: a temporary name in the same folder, then a rename (under torchrun: rank 0 only)."
     if not is_main(): return
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=1, default=str)); os.replace(tmp, path)
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps(obj, indent=1, default=str))
 
+# %% ../nbs/11_cli.ipynb #b7d38117
 def write_run(out, stage, argv, preset, data, input_size, **extra):
     "Write `out`/run.json (atomically): what this stage ran on, for the next stage to read and check. Under torchrun every rank calls it; it waits for all of them (none is still checking `out`) and rank 0 writes."
     barrier()
@@ -289,8 +323,10 @@ def write_run(out, stage, argv, preset, data, input_size, **extra):
     write_json(Path(out)/RUN_FILE, rec)
     return rec
 
+# %% ../nbs/11_cli.ipynb #3c3f079b
 def _abs(p): return None if p is None else str(Path(p).expanduser().resolve())
 
+# %% ../nbs/11_cli.ipynb #09e0ae72
 def available_memory() -> int:
     "Bytes of memory this machine can still give (MemAvailable), or its physical memory where that is unknown."
     try:
@@ -299,22 +335,26 @@ def available_memory() -> int:
     except OSError: pass
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
+# %% ../nbs/11_cli.ipynb #2d6711c3
 def synthetic_bytes(n_images, image_size) -> int:
     "Memory of a SyntheticScenes or SyntheticShapes set: float32 images (3 channels) and two int64 masks per image."
     return int(n_images) * int(image_size) ** 2 * (3 * 4 + 2 * 8)
 
+# %% ../nbs/11_cli.ipynb #9eaaf4f3
 def _gib(b): return f"{b / 2**30:,.1f} GiB"
 
+# %% ../nbs/11_cli.ipynb #af3250e5
 def _demo_data(spec):
     "The demo's name of the synthetic set behind `spec`: 'shapes' for --data shapes, else 'scenes' (also for VOC data)."
     return 'shapes' if spec['kind'] == 'shapes' else 'scenes'
 
+# %% ../nbs/11_cli.ipynb #be3b9c3a
 def demo_settings(spec, input_size, seed):
     "The demo's settings (`DemoSettings.for_args`) for the synthetic preset: its classifier, mining and segmentation configurations."
-    from multiminer.demo import DemoSettings
     return DemoSettings.for_args(n_classes=spec.get('n_classes', 20), image_size=input_size, seed=seed,
                                  data=_demo_data(spec))
 
+# %% ../nbs/11_cli.ipynb #b274851a
 def _check_sizes(spec, input_size, seed=0):
     "Refuse, before anything is allocated, a synthetic set that cannot fit and an input size the demo's settings cannot use."
     if spec['kind'] != 'voc':
@@ -332,6 +372,7 @@ def _check_sizes(spec, input_size, seed=0):
             raise CLIError(f"--image-size {input_size} cannot be used with the demo's settings ({e}); use a multiple of 8, "
                            f"at least 32") from None
 
+# %% ../nbs/11_cli.ipynb #89231545
 def resolve_data(args, upstream=None):
     "(data spec, preset, seed, input size of the synthetic preset) from the options, else `upstream` (a run.json), else defaults."
     up = upstream or {}
@@ -360,23 +401,11 @@ def resolve_data(args, upstream=None):
 # %% ../nbs/11_cli.ipynb #b6d6cc8d
 FINGERPRINT_BYTES = 1 << 16       # of each VOC file, from its start and from its end, in the data fingerprint
 
-def file_sha256(path) -> str:
-    "sha256 of a file's bytes, read in 1 MiB blocks."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
-
-def tree_sha256(folder, pattern='*.png') -> str:
-    "sha256 of a folder of files: their sorted names, each with its own sha256."
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).glob(pattern)): h.update(f"{p.name}\0{file_sha256(p)}\n".encode())
-    return h.hexdigest()
-
 def output_sha256(path) -> str:
     "`tree_sha256` for a folder, `file_sha256` for a file."
     return tree_sha256(path) if Path(path).is_dir() else file_sha256(path)
 
+# %% ../nbs/11_cli.ipynb #c9366186
 def _quick_hash(h, path):
     "Add a file's size and its first and last FINGERPRINT_BYTES to the hash `h`."
     size = os.path.getsize(path)
@@ -385,6 +414,7 @@ def _quick_hash(h, path):
         if size > 2 * FINGERPRINT_BYTES: f.seek(-FINGERPRINT_BYTES, 2); h.update(f.read())
         elif size > FINGERPRINT_BYTES: h.update(f.read())
 
+# %% ../nbs/11_cli.ipynb #9b5b630d
 def data_fingerprint(spec, ds=None) -> str:
     "A cheap hash of a data set: the spec of synthetic data; for VOC (`ds` a VOCSegDataset) its ids and files."
     h = hashlib.sha256()
@@ -398,10 +428,12 @@ def data_fingerprint(spec, ds=None) -> str:
         if mask is not None: _quick_hash(h, mask)
     return h.hexdigest()
 
+# %% ../nbs/11_cli.ipynb #b1a8fea3
 def _show(v):
     s = json.dumps(v, default=str)
     return s[:12] + '…' if isinstance(v, str) and re.fullmatch(r'[0-9a-f]{64}', v) else (s if len(s) < 80 else s[:77] + '...')
 
+# %% ../nbs/11_cli.ipynb #ea9431de
 def _differences(then: dict, now: dict, ignore=()) -> list:
     "'key: X then, Y now' for each key whose value differs (nested dicts by dotted key; tuples equal lists)."
     out = []
@@ -433,6 +465,7 @@ def _take_back():
         if out.is_dir() and [p.name for p in out.iterdir()] == [RUN_FILE] and read_run(out).get('finished') is False:
             (out/RUN_FILE).unlink(); out.rmdir()
 
+# %% ../nbs/11_cli.ipynb #c2dc24f5
 def require_upstream(folder, stage, option, also=()) -> tuple:
     "(run.json, {file: sha256}) of a finished `stage` (or `also`) folder whose outputs are unchanged; else a CLIError saying why."
     folder = Path(folder)
@@ -469,6 +502,7 @@ def require_upstream(folder, stage, option, also=()) -> tuple:
         hashes[name] = got
     return rec, hashes
 
+# %% ../nbs/11_cli.ipynb #7f66c573
 def check_same_data(up, spec, fingerprint, option, folder):
     "Refuse data other than the data the upstream folder was made from, naming what differs."
     if up.get('data_fingerprint') == fingerprint: return
@@ -478,6 +512,7 @@ def check_same_data(up, spec, fingerprint, option, folder):
     raise CLIError(f"these are not the images {option} {folder} was made from ({diff}): leave the data options out "
                    f"to use that folder's, or give the ones it used")
 
+# %% ../nbs/11_cli.ipynb #61039e41
 def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
     "Check --out before any work; 'new' (nothing there, or replaced with `force`), or the state of the run `resume` continues."
     out = Path(out)
@@ -514,6 +549,7 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
                        f"{how}, or choose another --out")
     return state
 
+# %% ../nbs/11_cli.ipynb #d69590e5
 def check_resume(out, now, ignore=()):
     "Refuse to --resume the run in `out` with other inputs, data or configuration than it was started with."
     then = read_run(out)
@@ -526,46 +562,45 @@ def check_resume(out, now, ignore=()):
 # %% ../nbs/11_cli.ipynb #2ed457d9
 def _synthetic(spec, split='train', n_val=N_VAL_SYNTHETIC):
     "The demo's data (`demo.make_synthetic`): its training set, or its validation set (seed + 100000)."
-    from multiminer.demo import make_synthetic
     if split in ('train', 'train_aug'):
         return make_synthetic(_demo_data(spec), spec['n_images'], spec['n_classes'], spec['image_size'], spec['seed'])
     _check_sizes(dict(spec, n_images=n_val), None)
     return make_synthetic(_demo_data(spec), n_val, spec['n_classes'], spec['image_size'], spec['seed'] + 100_000)
 
+# %% ../nbs/11_cli.ipynb #46aeccb6
 def _voc(spec, split='train_aug', transform=None):
     "voc_dataset for `spec`; a missing or incomplete root raises its FileNotFoundError, naming the layout."
-    from multiminer.data import voc_dataset
     return voc_dataset(spec['voc_root'], split, transform=transform, sbd_root=spec.get('sbd_root'))
 
+# %% ../nbs/11_cli.ipynb #c4808c3a
 def _voc_mask(ds, i):
     "The ground-truth mask (H, W) int64 of item `i` of a VOCSegDataset, checked against its image's size (not decoded)."
     return ds.load_mask(i)
 
+# %% ../nbs/11_cli.ipynb #a2226809
 def _voc_image(ds, i):
     "Image `i` of a VOCSegDataset as a float (3, H, W) tensor in [0, 1]; a damaged file is named."
-    from multiminer.data import read_image_file
     return torch.from_numpy(read_image_file(ds.image_paths[i]).copy()).permute(2, 0, 1).float() / 255
 
+# %% ../nbs/11_cli.ipynb #6cb060c4
 class VOCImages(Dataset):
     "The images of a VOCSegDataset alone (no mask is read): float (3, H, W), normalised as `voc_transforms(train=False)` does."
     def __init__(self, ds): self.ds = ds
     def __len__(self): return len(self.ds)
     def __getitem__(self, i):
-        from multiminer.data import IMAGENET_MEAN, IMAGENET_STD
         return (_voc_image(self.ds, i) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
+# %% ../nbs/11_cli.ipynb #7eebdd78
 def _names(spec, n, ds=None):
     return list(ds.names) if spec['kind'] == 'voc' else [f"{i:06d}" for i in range(n)]
 
+# %% ../nbs/11_cli.ipynb #0bbc7567
 def _dataset(spec, split='train_aug', transform=None):
     "(the data set, its fingerprint) of `spec`."
     ds = _voc(spec, split, transform) if spec['kind'] == 'voc' else _synthetic(spec)
     return ds, data_fingerprint(spec, ds)
 
 # %% ../nbs/11_cli.ipynb #a34812f7
-def _say(args, *msg):
-    if not args.quiet: print(*msg, flush=True)
-
 def _need(folder, name, made_by):
     p = Path(folder)
     if p.is_file():
@@ -574,9 +609,9 @@ def _need(folder, name, made_by):
         raise CLIError(f"{p} has no {name}: expected a folder written by `multiminer {made_by} --out {p}`")
     return p
 
+# %% ../nbs/11_cli.ipynb #67fa102b
 def _load_ck(path, made_by):
     "load_checkpoint(path), with a damaged file named: a CLIError that says which stage to run again."
-    from multiminer.models import load_checkpoint, CheckpointError
     try: return load_checkpoint(path)        # a refused (crafted) file: load_checkpoint's ValueError, as it is
     except (CheckpointError, OSError) as err:
         e = getattr(err, 'cause', err)       # torch's own error, for the message
@@ -584,6 +619,7 @@ def _load_ck(path, made_by):
         raise CLIError(f"{path} cannot be read ({type(e).__name__}: {why}): the file is damaged or truncated; run "
                        f"`multiminer {made_by}` again (with --force) to write it anew") from None
 
+# %% ../nbs/11_cli.ipynb #014ba817
 @contextlib.contextmanager
 def _reading(path, made_by):
     "Around the code that uses a loaded checkpoint: data of another structure (a list, a missing key, tensors of other shapes) is a CLIError naming `path`."
@@ -594,6 +630,7 @@ def _reading(path, made_by):
         raise CLIError(f"{path} does not hold what `multiminer {made_by}` writes ({type(e).__name__}: {why}): it was "
                        f"replaced or edited; run `multiminer {made_by}` again (with --force) to write it anew") from None
 
+# %% ../nbs/11_cli.ipynb #67125dbb
 def _check_finite(module, path, made_by):
     "Refuse a network whose weights hold nan or inf: nothing it computes would mean anything."
     bad = next((k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
@@ -601,18 +638,11 @@ def _check_finite(module, path, made_by):
         raise CLIError(f"{path} holds non-finite weights (nan or inf in {bad}): its training diverged or the file was "
                        f"edited; run `multiminer {made_by}` again (with --force)")
 
-@contextlib.contextmanager
-def _kept_rng():
-    "Leave the random generators (torch, Python, numpy) as they were: a trial resume sets them from the checkpoint."
-    import numpy as np
-    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    try: yield
-    finally: torch.set_rng_state(states[0]); random.setstate(states[1]); np.random.set_state(states[2])
-
+# %% ../nbs/11_cli.ipynb #d23e6129
 def _try_resume(path, made_by, restore):
     "Before any work: `restore(checkpoint)` does on the CPU what the stage will do with it when resuming; what does not fit is named."
     ck = _load_ck(path, made_by)
-    with _reading(path, made_by), _kept_rng():
+    with _reading(path, made_by), kept_rng():
         if not isinstance(ck, dict): raise TypeError(f"a {type(ck).__name__}, not a dict of weights and states")
         restore(ck)
         if not isinstance(ck['epoch'] if 'epoch' in ck else 0, int) or not isinstance(ck.get('history', []), list):
@@ -621,7 +651,6 @@ def _try_resume(path, made_by, restore):
 
 # %% ../nbs/11_cli.ipynb #75fd356e
 def _demo_kw(args, marker):
-    from multiminer.demo import check_demo_args
     kw = dict(out=args.out, seed=args.seed, n_images=args.n_images, n_classes=args.n_classes,
               image_size=args.image_size, device=args.device)
     try: check_demo_args(**kw)
@@ -633,25 +662,25 @@ def _demo_kw(args, marker):
                        f"again from scratch, or choose another --out")
     return dict(kw, resume=args.resume and not args.force, progress=not args.quiet, data=args.data)
 
+# %% ../nbs/11_cli.ipynb #59c864d2
 def cmd_demo(args, argv=()):
     "`multiminer demo`: run_demo with the command-line arguments."
-    from multiminer.demo import run_demo
     m = run_demo(**_demo_kw(args, 'metrics.json'), crf=not args.no_crf, segmentation=not args.no_segmentation)
     print("pseudo-mask mIoU (saliency cue): " + ", ".join(f"{k} {v['saliency']:.1f}" for k, v in m['pseudo_miou'].items())
           + (("; segmentation mIoU: " + ", ".join(f"{k} {v:.1f}" for k, v in m['segmentation_miou'].items()))
              if 'segmentation_miou' in m else "") + f"  ({Path(args.out)/'metrics.json'})")
     return m
 
+# %% ../nbs/11_cli.ipynb #b383d6bf
 def cmd_table2(args, argv=()):
     "`multiminer table2`: demo.run_table2."
-    from multiminer.demo import run_table2
     res = run_table2(**_demo_kw(args, 'table2.json'))
     for name, row in res['rows'].items(): print(f"{name:12s} pseudo {row['pseudo_miou']:5.1f}  segmentation {row['segmentation_miou']:5.1f}")
     return res
 
+# %% ../nbs/11_cli.ipynb #1a67cc28
 def cmd_fig6(args, argv=()):
     "`multiminer fig6`: demo.run_segmentation_by_steps."
-    from multiminer.demo import run_segmentation_by_steps
     res = run_segmentation_by_steps(**_demo_kw(args, 'fig6.json'))
     print("segmentation mIoU by merged steps: " + ", ".join(f"{v:.1f}" for v in res['segmentation_miou_by_steps']))
     return res
@@ -659,23 +688,20 @@ def cmd_fig6(args, argv=()):
 # %% ../nbs/11_cli.ipynb #3c3b7572
 def _plural(n, word): return f"{n} {word}{'' if n == 1 else 's'}"
 
+# %% ../nbs/11_cli.ipynb #d09648c8
 def _over(**kw): return {k: v for k, v in kw.items() if v is not None}
 
+# %% ../nbs/11_cli.ipynb #46b2a1fb
 def _classifier_restore(cfg, ds):
     "What train_classifier does with its checkpoint when resuming (for `_try_resume`), on the CPU."
-    from dataclasses import replace
-    from multiminer.classifier import build_classifier, make_optimizer, _n_classes, _set_rng_state
     def restore(ck):
-        clf = build_classifier(replace(cfg, pretrained=False, weights_path=None), _n_classes(ds))
-        opt, sched = make_optimizer(cfg, clf)
-        clf.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
-        _set_rng_state(ck['rng'])
+        clf = build_classifier(replace(cfg, pretrained=False, weights_path=None), n_classes_of(ds))
+        resume_from(ck, clf, *make_optimizer(cfg, clf))
     return restore
 
+# %% ../nbs/11_cli.ipynb #6d0e77de
 def cmd_train_classifier(args, argv=()):
     "`multiminer train-classifier`: stage 0 (classifier.train_classifier)."
-    from dataclasses import asdict, replace
-    from multiminer.classifier import ClassifierConfig, train_classifier, CHECKPOINT_NAME
     _check_device(args.device)
     out = Path(args.out)
     state = prepare_out(out, 'train-classifier', args.resume, args.force)
@@ -686,7 +712,6 @@ def cmd_train_classifier(args, argv=()):
                  num_workers=workers, modulator_width=args.modulator_width)
     cfg = ClassifierConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).classifier, **over)
     if spec['kind'] == 'voc':
-        from multiminer.data import voc_transforms
         ds, fp = _dataset(spec, 'train_aug', voc_transforms(train=True, crop_size=cfg.input_size))
     else: ds, fp = _dataset(spec)
     now = dict(config=asdict(cfg), data_fingerprint=fp, inputs={})
@@ -694,7 +719,7 @@ def cmd_train_classifier(args, argv=()):
         check_resume(out, dict(now, input_size=input_size), ignore=('epochs', 'num_workers', 'weights_path'))
         if (out/CHECKPOINT_NAME).is_file(): _try_resume(out/CHECKPOINT_NAME, 'train-classifier', _classifier_restore(cfg, ds))
     write_run(out, 'train-classifier', argv, preset, spec, input_size, seed=seed, finished=False, **now)
-    _say(args, f"train-classifier: {len(ds)} images ({spec['kind']}), preset {preset}: {cfg.extractor} extractor, "
+    say(not args.quiet, f"train-classifier: {len(ds)} images ({spec['kind']}), preset {preset}: {cfg.extractor} extractor, "
          f"{cfg.input_size}px inputs, {cfg.epochs} epochs, batch {cfg.batch_size}, on {args.device}")
     t0 = time.time()
     clf = train_classifier(cfg, ds, device=args.device, progress=not args.quiet, out_dir=out, resume=state != 'new')
@@ -709,16 +734,13 @@ def cmd_train_classifier(args, argv=()):
 # %% ../nbs/11_cli.ipynb #da45288e
 def save_mining_result(result, path, labels, names, data):
     "Save a `MiningResult`'s fields, with the labels, image ids and data spec, to `path` (torch.save, atomically)."
-    import dataclasses, torch
     blob = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-    tmp = Path(str(path) + '.tmp')
-    if is_main(): torch.save(dict(blob, labels=labels, names=list(names), data=data), tmp); os.replace(tmp, path)
+    if is_main(): atomic_save(dict(blob, labels=labels, names=list(names), data=data), path)
     barrier()   # under torchrun the other ranks read it (its hash) only once it is there
 
+# %% ../nbs/11_cli.ipynb #2c40020c
 def load_mining_result(folder):
     "(MiningResult, extras) from a `mine` output folder (or its mining_result.pt); extras: labels, names, data."
-    import dataclasses, torch
-    from multiminer.mining import MiningResult
     p = Path(folder)
     if p.is_dir(): p = _need(p, 'mining_result.pt', 'mine')/'mining_result.pt'
     d = _load_ck(p, 'mine')
@@ -729,6 +751,7 @@ def load_mining_result(folder):
         _check_mining_result(res, extra['labels'], extra['names'])
     return res, extra
 
+# %% ../nbs/11_cli.ipynb #d3fcd73d
 def _check_mining_result(r, labels, names):
     "A ValueError unless the fields of a mining result have the types and shapes `mine` writes, and its objects lie in its images and classes."
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
@@ -747,10 +770,9 @@ def _check_mining_result(r, labels, names):
         raise ValueError(f"names must be a list of {r.n_images} image ids")
     if not isinstance(r.history, list): raise ValueError(f"history is a {type(r.history).__name__}, not a list")
 
-
+# %% ../nbs/11_cli.ipynb #86f37358
 def _feature_bank(clf, images, cfg, cache_dir, key, device, progress):
     "A FeatureBank with every scale extracted now; cached scales are reused only when their marker matches `key`."
-    from multiminer.features import FeatureBank
     bank = FeatureBank(clf.extractor, images, cfg.scales, half=cfg.half_features, device=device,
                        cache_dir=cache_dir, progress=progress)
     for s in cfg.scales:
@@ -774,14 +796,15 @@ def _feature_bank(clf, images, cfg, cache_dir, key, device, progress):
         else: bank[s]
     return bank
 
+# %% ../nbs/11_cli.ipynb #eb1d55f3
 def _mining_inputs(args, spec, ds):
     "(images for the features, (N, C) image-level labels): for VOC the labels come from the masks, read once."
     if spec['kind'] != 'voc': return ds.images, ds.labels
-    from multiminer.data import labels_from_mask
     with progress_bar(range(len(ds)), 'image-level labels', disable=args.quiet, unit='image') as bar:
         labels = torch.stack([labels_from_mask(_voc_mask(ds, i), ds.n_classes) for i in bar])
     return VOCImages(ds), labels
 
+# %% ../nbs/11_cli.ipynb #8f580528
 def _mining_bar(args, cfg):
     "A progress bar over the mining steps, with each step's record printed above it (MultiMiner.run's callback)."
     bar = progress_bar(desc='mining steps', total=cfg.max_steps, disable=args.quiet, unit='step')
@@ -796,11 +819,9 @@ def _mining_bar(args, cfg):
                   file=sys.stderr)
     return bar, callback
 
+# %% ../nbs/11_cli.ipynb #00b1eb5c
 def _on_classifier(args, stage, config, resume=False):
     "What `mine` and `erase` check before any work: the --classifier folder, --out, the data, the input size; then the data set and its run record."
-    import types
-    from dataclasses import asdict
-    from multiminer.classifier import CHECKPOINT_NAME
     _check_device(args.device)
     clf_dir = _need(args.classifier, CHECKPOINT_NAME, 'train-classifier')
     up, hashes = require_upstream(clf_dir, 'train-classifier', '--classifier')
@@ -819,9 +840,9 @@ def _on_classifier(args, stage, config, resume=False):
     return types.SimpleNamespace(clf_dir=clf_dir, hashes=hashes, out=out, state=state, spec=spec, preset=preset, seed=seed,
                                  input_size=input_size, cfg=cfg, ds=ds, fp=fp, now=now)
 
+# %% ../nbs/11_cli.ipynb #690f7695
 def _frozen_classifier(args, r):
     "The classifier of `r` (an `_on_classifier` record) loaded (a damaged or crafted file named, nothing run), checked and frozen; the images, labels and ids to mine."
-    from multiminer.classifier import load_classifier, freeze, CHECKPOINT_NAME
     _load_ck(r.clf_dir/CHECKPOINT_NAME, 'train-classifier')
     with _reading(r.clf_dir/CHECKPOINT_NAME, 'train-classifier'): clf = load_classifier(r.clf_dir, device=args.device)
     _check_finite(clf, r.clf_dir/CHECKPOINT_NAME, 'train-classifier')
@@ -831,6 +852,7 @@ def _frozen_classifier(args, r):
     freeze(clf)
     return clf, images, labels, _names(r.spec, len(labels), r.ds)
 
+# %% ../nbs/11_cli.ipynb #87f9a532
 def _check_fig6_flags(out, flags):
     "Refuse to --resume with other --by-steps / --snapshots than the run was started with: its first steps would lack them."
     then = read_run(out)
@@ -839,12 +861,9 @@ def _check_fig6_flags(out, flags):
     if diff: raise CLIError(f"cannot --resume {out} with other Fig. 6 options ({'; '.join(diff)}): the steps it already ran "
                             f"would have no score or snapshot; resume with the same options, or pass --force to start afresh")
 
+# %% ../nbs/11_cli.ipynb #63dfc7f6
 def cmd_mine(args, argv=()):
     "`multiminer mine`: Algorithm 1 (mining.MultiMiner) on the features of a trained classifier."
-    import torch
-    from dataclasses import replace
-    from multiminer.classifier import CHECKPOINT_NAME
-    from multiminer.mining import MiningConfig, MultiMiner
     def config(preset, spec, input_size, seed):
         over = _over(max_steps=args.max_steps, seed=seed)
         cfg = MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
@@ -863,7 +882,7 @@ def cmd_mine(args, argv=()):
     if r.state != 'new' and (out/'mining_state.pt').is_file():    # what MultiMiner.run(resume=True) will load
         _try_resume(out/'mining_state.pt', 'mine', lambda ck: MultiMiner(clf.modulator, cfg, device=args.device).load(out/'mining_state.pt'))
     write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=False, **now, **flags)
-    _say(args, f"mine: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: scales "
+    say(not args.quiet, f"mine: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: scales "
          f"{cfg.scales}, batches {cfg.batch_sizes}, at most {cfg.max_steps} steps, on {args.device}")
     t0 = time.time()
     key = dict(classifier_sha256=r.hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
@@ -895,27 +914,20 @@ def cmd_mine(args, argv=()):
 # %% ../nbs/11_cli.ipynb #30895a10
 def _erasing_config(preset, spec, input_size, seed, steps):
     "The demo's ErasingConfig (synthetic preset), or the mining stage's VOC schedule and optimiser."
-    from dataclasses import replace
-    from multiminer.baselines import ErasingConfig
-    from multiminer.mining import MiningConfig
     over = _over(steps=steps, seed=seed)
     if preset != 'voc': return replace(demo_settings(spec, input_size, seed).erasing, **over)
     m = MiningConfig.voc()
     return ErasingConfig(scales=m.scales, n_m=m.n_m, batch_size=m.batch_sizes[-1], lr=m.lr, weight_decay=m.weight_decay,
                          optimizer=m.optimizer, **over)
 
+# %% ../nbs/11_cli.ipynb #0b2735c8
 def cmd_erase(args, argv=()):
     "`multiminer erase`: fixed-step erasing (baselines.fixed_erasing) on a trained classifier's features; a `mine`-style result."
-    import torch, types
-    from multiminer.baselines import fixed_erasing
-    from multiminer.classifier import CHECKPOINT_NAME
-    from multiminer.mining import MiningResult, object_index
-    from multiminer.demo import DemoSettings
     r = _on_classifier(args, 'erase', lambda preset, spec, size, seed: _erasing_config(preset, spec, size, seed, args.steps))
     out, spec, preset, seed, input_size, cfg, fp, now = r.out, r.spec, r.preset, r.seed, r.input_size, r.cfg, r.fp, r.now
     clf, images, labels, names = _frozen_classifier(args, r)
     write_run(out, 'erase', argv, preset, spec, input_size, seed=seed, finished=False, **now)
-    _say(args, f"erase: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: {cfg.steps} steps "
+    say(not args.quiet, f"erase: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: {cfg.steps} steps "
          f"on the scales {cfg.scales}, on {args.device}")
     t0 = time.time()
     key = dict(classifier_sha256=r.hashes[CHECKPOINT_NAME], data_fingerprint=fp, n_images=len(labels))
@@ -941,48 +953,30 @@ def cmd_erase(args, argv=()):
 # %% ../nbs/11_cli.ipynb #dccc589a
 def _image_strength(result, i):
     "Object strength (1, C, h, w) of image `i`: 1 - M_j^f for its objects, 0 for the other classes."
-    import torch
     rows = (result.objects[:, 0] == i).nonzero()[:, 0]
     s = torch.zeros((1, result.n_classes) + tuple(result.merged.shape[-2:]))
     s[0, result.objects[rows, 1]] = 1 - result.merged[rows].float()
     return s
 
+# %% ../nbs/11_cli.ipynb #eb930f91
 def _pseudo_one(image, strength, labels, bg_threshold, saliency, saliency_threshold, crf):
     "One image's pseudo mask (H, W) at the image's size (a top-level function, so worker processes can run it)."
-    from multiminer.pseudo import pseudo_masks, crf_refine
     sal = None if saliency is None else saliency[None]
     if crf: return crf_refine(image[None], strength, labels[None], bg_threshold=bg_threshold, saliency=sal,
                               saliency_threshold=saliency_threshold)[0]
     return pseudo_masks(strength, labels[None], size=tuple(image.shape[-2:]), bg_threshold=bg_threshold,
                         saliency=sal, saliency_threshold=saliency_threshold)[0]
 
-def _ordered_map(fn, jobs, workers):
-    "fn(*job) for every job, in order; in `workers` spawned processes when workers > 1 (at most 2*workers pending)."
-    if workers <= 1:
-        for job in jobs: yield fn(*job)
-        return
-    import collections, multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as ex:
-        pending = collections.deque()
-        for job in jobs:
-            pending.append(ex.submit(fn, *job))
-            while len(pending) > 2 * workers: yield pending.popleft().result()
-        while pending: yield pending.popleft().result()
-
+# %% ../nbs/11_cli.ipynb #d5e1557f
 def _save_png(mask, path):
-    import numpy as np
-    from PIL import Image
-    from multiminer.data import VOC_PALETTE
     im = Image.fromarray(mask.numpy().astype(np.uint8)); im.putpalette(VOC_PALETTE.flatten().tolist())
-    tmp = Path(str(path) + '.tmp.png'); im.save(tmp); os.replace(tmp, path)
+    with atomic_path(path, '.tmp.png') as tmp: im.save(tmp)
 
 # %% ../nbs/11_cli.ipynb #842b5d08
 SALIENCY_MODES = ('1', 'L', 'LA', 'P', 'RGB', 'RGBA')    # 8-bit pictures; 16-bit or float ones would be clipped to 0..255
 
 def _check_saliency_folder(folder, names, size_of=None):
     "All missing saliency maps are reported now, with their count, not at image 5000; then each map's header: readable, 8-bit, the size `size_of(i)` (H, W) of its image."
-    from PIL import Image
     if not Path(folder).is_dir():
         raise CLIError(f"--saliency {folder}: no such folder (expected one grey-scale PNG per image, named <image id>.png)")
     missing = [n for n in names if not (Path(folder)/f"{n}.png").is_file()]
@@ -1001,13 +995,38 @@ def _check_saliency_folder(folder, names, size_of=None):
             raise CLIError(f"the saliency map {p} is {(h, w)} (H, W) but its image is {tuple(size_of(i))}: it is the map "
                            f"of another image; give the saliency maps of these images")
 
+# %% ../nbs/11_cli.ipynb #01d0e4be
+def _image_and_mask(spec, ds):
+    "(i -> (image (3, H, W) in [0, 1], ground-truth mask), class names) of the data set `ds` of `spec`."
+    if spec['kind'] == 'voc':
+        def get(i):
+            image, mask = ds.load(i)
+            return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255, mask
+        return get, VOC_CLASSES
+    return (lambda i: (ds.images[i], ds.masks[i])), ['background'] + ds.class_names
+
+# %% ../nbs/11_cli.ipynb #5ed49ade
+def _write_pseudo_masks(args, out, voc, names, jobs, gts, K):
+    "Each image's pseudo mask (`_pseudo_one` of `jobs`, in `args.workers` processes), scored against gts[i] and written: VOC palette PNGs in masks/ (renamed into place once all are written), else pseudo_masks.pt. (confusion, ignored pixels, pixels, what was written)."
+    conf, masks, n_ignored, n_px = torch.zeros(K, K, dtype=torch.long), [], 0, 0
+    keep = atomic_path(out/'masks', '.partial') if voc else contextlib.nullcontext()
+    with keep as partial, progress_bar(desc='pseudo masks', total=len(names), disable=args.quiet, unit='image') as bar:
+        if voc:
+            if partial.exists(): shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        for i, m in enumerate(ordered_map(_pseudo_one, jobs, args.workers)):
+            ign = m == 255; n_ignored, n_px = n_ignored + int(ign.sum()), n_px + ign.numel()
+            conf += confusion_matrix(m.masked_fill(ign, 0), gts[i], K); gts[i] = None   # scored: ignored = background
+            if voc: _save_png(m, partial/f"{names[i]}.png")
+            else: masks.append(m.to(torch.uint8))
+            bar.update()
+        if voc and (out/'masks').exists(): shutil.rmtree(out/'masks')
+    if not voc: atomic_save(torch.stack(masks), out/'pseudo_masks.pt')
+    return conf, n_ignored, n_px, 'masks' if voc else 'pseudo_masks.pt'
+
+# %% ../nbs/11_cli.ipynb #e6112d82
 def cmd_pseudo_labels(args, argv=()):
     "`multiminer pseudo-labels`: pseudo masks (pseudo.pseudo_masks / crf_refine) from a mining result, and their mIoU."
-    import torch
-    from multiminer.demo import DemoSettings
-    from multiminer.metrics import confusion_matrix, miou, iou_per_class
-    from multiminer.pseudo import load_saliency
-    from multiminer.data import VOC_CLASSES
     mining = _need(args.mining, 'mining_result.pt', 'mine')
     up, hashes = require_upstream(mining, 'mine', '--mining', also=('erase',))
     if args.steps is not None: _check_steps(args.steps, up, mining)
@@ -1024,27 +1043,19 @@ def cmd_pseudo_labels(args, argv=()):
     if len(ds) != len(names) or (spec['kind'] == 'voc' and list(ds.names) != list(names)):
         raise CLIError(f"{len(ds)} images under the data options but {len(names)} were mined in {mining}")
     if args.saliency is not None:
-        from multiminer.data import image_file_size
         _check_saliency_folder(args.saliency, names, (lambda i: image_file_size(ds.image_paths[i])) if spec['kind'] == 'voc'
                                else (lambda i: tuple(ds.images.shape[-2:])))
     fields = DemoSettings.__dataclass_fields__
     crf_bg = fields['bg_fixed_erasing_crf' if up['stage'] == 'erase' else 'bg_multiminer_crf'].default   # the demo's, per method
     bg = args.bg_threshold if args.bg_threshold is not None else round(crf_bg if args.crf else result.bg_threshold, 6)
-    if spec['kind'] == 'voc':
-        def get(i):
-            image, mask = ds.load(i)
-            return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255, mask
-        class_names = VOC_CLASSES
-    else:
-        get = lambda i: (ds.images[i], ds.masks[i])
-        class_names = ['background'] + ds.class_names
+    get, class_names = _image_and_mask(spec, ds)
     inputs = dict(mining=dict(folder=_abs(mining), files=hashes))
     if args.saliency: inputs['saliency'] = dict(folder=_abs(args.saliency), files={'*.png': tree_sha256(args.saliency)})
     now = dict(config=dict(bg_threshold=bg, crf=args.crf, saliency_threshold=args.saliency_threshold, steps=steps),
                data_fingerprint=fp, inputs=inputs)
     write_run(out, 'pseudo-labels', argv, preset, spec, input_size, seed=seed, finished=False, **now)
     K, N = result.n_classes + 1, len(names)
-    _say(args, f"pseudo-labels: {N} images, steps 1..{steps} merged, background threshold {bg}" + (", dense CRF" if args.crf else "")
+    say(not args.quiet, f"pseudo-labels: {N} images, steps 1..{steps} merged, background threshold {bg}" + (", dense CRF" if args.crf else "")
          + (f", saliency from {args.saliency}" if args.saliency else ""))
     gts = []
     def jobs():
@@ -1055,25 +1066,8 @@ def cmd_pseudo_labels(args, argv=()):
                 raise CLIError(f"the saliency map {Path(args.saliency)/names[i]}.png cannot be read ({' '.join(str(e).split())[:160]}): "
                                f"replace it with an intact grey-scale PNG") from None
             yield image, _image_strength(result, i), labels[i], bg, sal, args.saliency_threshold, args.crf
-    conf, t0, masks, n_ignored, n_px = torch.zeros(K, K, dtype=torch.long), time.time(), [], 0, 0
-    partial = out/'masks.partial'      # VOC masks: renamed to masks/ once all are written
-    if spec['kind'] == 'voc':
-        if partial.exists(): shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    with progress_bar(desc='pseudo masks', total=N, disable=args.quiet, unit='image') as bar:
-        for i, m in enumerate(_ordered_map(_pseudo_one, jobs(), args.workers)):
-            ign = m == 255; n_ignored, n_px = n_ignored + int(ign.sum()), n_px + ign.numel()
-            conf += confusion_matrix(m.masked_fill(ign, 0), gts[i], K); gts[i] = None   # scored: ignored = background
-            if spec['kind'] == 'voc': _save_png(m, partial/f"{names[i]}.png")
-            else: masks.append(m.to(torch.uint8))
-            bar.update()
-    if spec['kind'] == 'voc':
-        if (out/'masks').exists(): shutil.rmtree(out/'masks')
-        os.replace(partial, out/'masks')
-        written = 'masks'
-    else:
-        tmp = out/'pseudo_masks.pt.tmp'; torch.save(torch.stack(masks), tmp); os.replace(tmp, out/'pseudo_masks.pt')
-        written = 'pseudo_masks.pt'
+    t0 = time.time()
+    conf, n_ignored, n_px, written = _write_pseudo_masks(args, out, spec['kind'] == 'voc', names, jobs(), gts, K)
     score, ious = miou(conf), iou_per_class(conf)
     summary = dict(miou=round(score, 2), iou_per_class={c: (None if v != v else round(float(v) * 100, 2))
                                                         for c, v in zip(class_names, ious.tolist())},
@@ -1093,18 +1087,19 @@ def snapshot_path(folder, t) -> Path:
     "Where `mine --snapshots` keeps the pool of the first `t` steps merged."
     return Path(folder)/SNAPSHOTS/f"step_{t}.pt"
 
+# %% ../nbs/11_cli.ipynb #b3ed67c9
 def save_snapshot(miner, folder) -> Path:
     "The pool after step t = miner.state.t (each object's M_j of steps 1..min(t, T_j) merged) as uint8 (x 255), with T_j so far; atomically."
     st = miner.state
     p = snapshot_path(folder, st.t); p.parent.mkdir(parents=True, exist_ok=True)
     blob = dict(step=int(st.t), merged=(st.pools[-1].clamp(0, 1) * 255).round().to(torch.uint8), steps=st.steps.clone(),
                 objects=st.objects.clone())
-    if is_main(): tmp = p.with_name(p.name + '.tmp'); torch.save(blob, tmp); os.replace(tmp, p)
+    if is_main(): atomic_save(blob, p)
     return p
 
+# %% ../nbs/11_cli.ipynb #96eea8ef
 def snapshot_result(result, folder, t):
     "`result` (a whole mining run, from `folder`) cut to its first `t` steps: the pool of snapshots/step_<t>.pt, T_j counted to step t."
-    import dataclasses
     p = snapshot_path(folder, t)
     d = _load_ck(p, 'mine')
     with _reading(p, 'mine'):
@@ -1116,10 +1111,9 @@ def snapshot_result(result, folder, t):
     return dataclasses.replace(result, merged=d['merged'].float() / 255, steps=d['steps'], history=result.history[:t],
                                probs=None if result.probs is None else result.probs[:t], stop_reason=None)
 
+# %% ../nbs/11_cli.ipynb #412b640d
 def merged_miou(result, labels, mask_of) -> float:
     "mIoU (%) of `result`'s pseudo masks (threshold cue at result.bg_threshold, no CRF) against mask_of(i), (H, W), image by image at each mask's size."
-    from multiminer.metrics import confusion_matrix, miou
-    from multiminer.pseudo import SALIENCY_BG
     K = result.n_classes + 1
     conf = torch.zeros(K, K, dtype=torch.long)
     for i in range(result.n_images):
@@ -1128,6 +1122,7 @@ def merged_miou(result, labels, mask_of) -> float:
                                              SALIENCY_BG, False), gt, K)
     return miou(conf)
 
+# %% ../nbs/11_cli.ipynb #39363025
 def _fig6_hook(args, out, labels, mask_of):
     "MultiMiner.run's callback for --by-steps and --snapshots: the mIoU of steps 1..T merged into step T's record; the pool saved."
     def callback(miner):
@@ -1139,15 +1134,16 @@ def _fig6_hook(args, out, labels, mask_of):
         if args.snapshots: save_snapshot(miner, out)
     return callback
 
+# %% ../nbs/11_cli.ipynb #42993c90
 def _write_miou_by_steps(out, result, summary):
     "--by-steps: the curve into `summary` (miou_by_steps) and fig_miou_by_steps.png (demo.plot_miou_by_steps), atomically."
-    from multiminer.demo import plot_miou_by_steps
     curve = [h['miou_merged'] for h in result.history]
     summary.update(miou_by_steps=curve, miou_by_steps_kind=f"pseudo-mask mIoU (%) of steps 1..T merged against the "
                    f"training masks: threshold cue (background below {result.bg_threshold:g}), no CRF")
-    tmp = out/'fig_miou_by_steps.tmp.png'
-    if is_main(): plot_miou_by_steps(curve, path=tmp); os.replace(tmp, out/'fig_miou_by_steps.png')
+    with atomic_path(out/'fig_miou_by_steps.png', '.tmp.png', rename=is_main()) as tmp:
+        if is_main(): plot_miou_by_steps(curve, path=tmp)
 
+# %% ../nbs/11_cli.ipynb #1ebe33ac
 def _check_steps(t, up, folder):
     "pseudo-labels --steps T: only from a `mine --snapshots` folder, and T at most the steps it ran."
     if up.get('stage') != 'mine':
@@ -1176,8 +1172,6 @@ class PseudoMaskDataset(Dataset):
                                  f"pseudo-labels writes plain files; run `multiminer pseudo-labels` again")
     def __len__(self): return len(self.base)
     def __getitem__(self, i):
-        import numpy as np, torch
-        from multiminer.data import read_mask_file
         p, image = self.mask_dir/f"{self.base.names[i]}.png", _voc_image(self.base, i)
         mask = read_mask_file(p)
         if mask.shape != tuple(image.shape[-2:]):
@@ -1188,23 +1182,18 @@ class PseudoMaskDataset(Dataset):
                                        f"0..{self.base.n_classes} or 255: run `multiminer pseudo-labels` again")
         return image, torch.from_numpy(mask.astype(np.int64))
 
+# %% ../nbs/11_cli.ipynb #3bd89798
 def _seg_restore(cfg):
     "What train_segmentation does with checkpoint.pt when resuming (for `_try_resume`), on the CPU."
-    from multiminer.segmentation import build_segmentation_model, _check_same_run, _param_groups, _set_rng_state
     def restore(ck):
-        _check_same_run(ck['config'], cfg, 'checkpoint.pt')
+        check_same_run(ck['config'], cfg, 'checkpoint.pt')
         model = build_segmentation_model(cfg, pretrained=False, progress=False)
-        opt = torch.optim.SGD(_param_groups(model, cfg.lr, cfg.last_layer_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
-        model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer'])
-        torch.amp.GradScaler('cuda', enabled=False).load_state_dict(ck['scaler']); _set_rng_state(ck['rng'], torch.device('cpu'))
+        resume_from(ck, model, seg_optimizer(cfg, model), scaler=torch.amp.GradScaler('cuda', enabled=False))
     return restore
 
+# %% ../nbs/11_cli.ipynb #2d46057e
 def cmd_train_seg(args, argv=()):
     "`multiminer train-seg`: segmentation.train_segmentation on the images and their pseudo masks."
-    import torch
-    from dataclasses import replace
-    from multiminer.segmentation import SegConfig, train_segmentation
     _check_device(args.device)
     pseudo = Path(args.pseudo)
     up, hashes = require_upstream(pseudo, 'pseudo-labels', '--pseudo')
@@ -1239,7 +1228,7 @@ def cmd_train_seg(args, argv=()):
         check_resume(out, dict(now, input_size=input_size), ignore=('num_workers', 'weights_path'))
         if (out/'checkpoint.pt').is_file(): _try_resume(out/'checkpoint.pt', 'train-seg', _seg_restore(cfg))
     write_run(out, 'train-seg', argv, preset, spec, input_size, seed=seed, finished=False, **now)
-    _say(args, f"train-seg: {model} on {len(pairs)} images with pseudo masks ({spec['kind']}), preset {preset}: "
+    say(not args.quiet, f"train-seg: {model} on {len(pairs)} images with pseudo masks ({spec['kind']}), preset {preset}: "
          f"{cfg.epochs} epochs, batch {cfg.batch_size}, crops {cfg.crop_size}, on {args.device}")
     t0 = time.time()
     net = train_segmentation(cfg, pairs, masks, device=args.device, out_dir=out, resume=state != 'new',
@@ -1258,7 +1247,6 @@ class VOCTestImages(Dataset):
     "The VOC 2012 test images (ImageSets/Segmentation/test.txt, no masks): float (3, H, W) in [0, 1], as the networks take them."
     split = 'test'
     def __init__(self, spec):
-        from multiminer.data import _resolve_roots
         voc = _resolve_roots(spec['voc_root'], None)[0]/'VOCdevkit'/'VOC2012'
         lst = voc/'ImageSets'/'Segmentation'/'test.txt'
         if not lst.is_file():
@@ -1272,24 +1260,44 @@ class VOCTestImages(Dataset):
     def __len__(self): return len(self.names)
     def __getitem__(self, i): return _voc_image(self, i)
 
+# %% ../nbs/11_cli.ipynb #19781ff8
 def _write_test_predictions(model, ds, out, args, scales, flip):
     "Each test image's label map as a VOC palette PNG, `out`/VOC_TEST_RESULTS/<id>.png; the folder is renamed into place once complete."
-    from multiminer.segmentation import _iter_masks
-    final, partial = out/VOC_TEST_RESULTS, out/(VOC_TEST_RESULTS + '.partial')
-    if partial.exists(): shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    it = _iter_masks(model, ds, args.crf, None, args.workers, scales=scales, flip=flip, device=args.device)
-    for i, _, m in progress_bar(it, 'test predictions', total=len(ds), disable=args.quiet, unit='image'):
-        _save_png(m, partial/f"{ds.names[i]}.png")
-    if final.exists(): shutil.rmtree(final)
-    os.replace(partial, final)
+    final = out/VOC_TEST_RESULTS
+    with atomic_path(final, '.partial') as partial:
+        if partial.exists(): shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        it = iter_masks(model, ds, args.crf, None, args.workers, scales=scales, flip=flip, device=args.device)
+        for i, _, m in progress_bar(it, 'test predictions', total=len(ds), disable=args.quiet, unit='image'):
+            _save_png(m, partial/f"{ds.names[i]}.png")
+        if final.exists(): shutil.rmtree(final)
     return final
 
+# %% ../nbs/11_cli.ipynb #491d5a23
+def _eval_data(args, spec):
+    "(data set, images, masks or None, class names) of evaluate's --split: the VOC test images, a VOC split, or a synthetic one."
+    if args.split == 'test':
+        if spec['kind'] != 'voc': raise CLIError("--split test is the VOC 2012 test set: only with VOC data")
+        ds = VOCTestImages(spec)
+        return ds, ds, None, VOC_CLASSES
+    if spec['kind'] == 'voc':
+        ds = _voc(spec, args.split)
+        return ds, ds, None, VOC_CLASSES
+    ds = _synthetic(spec, args.split, args.n_val)
+    return ds, ds.images, ds.masks, ['background'] + ds.class_names
+
+# %% ../nbs/11_cli.ipynb #50514529
+def _write_eval(out, result_file, res, argv, preset, spec, input_size, seed):
+    "Write `res` to `result_file`, then `out`/run.json with the hashes of every eval_*.json and of the test predictions beside them."
+    write_json(result_file, res)
+    outputs = {p.name: file_sha256(p) for p in sorted(out.glob('eval_*.json'))}
+    if (out/VOC_TEST_RESULTS).is_dir(): outputs[VOC_TEST_RESULTS] = tree_sha256(out/VOC_TEST_RESULTS)
+    write_run(out, 'evaluate', argv, preset, spec, input_size, seed=seed, finished=True, inputs=res['inputs'],
+              outputs=outputs)
+
+# %% ../nbs/11_cli.ipynb #a6a71b37
 def cmd_evaluate(args, argv=()):
     "`multiminer evaluate`: segmentation.evaluate of a trained network; prints and writes the mIoU."
-    from multiminer.segmentation import evaluate, load_segmentation_model
-    from multiminer.metrics import iou_per_class
-    from multiminer.data import VOC_CLASSES
     _check_device(args.device)
     seg = Path(args.seg)
     if not (seg/'model.pt').is_file():
@@ -1300,16 +1308,7 @@ def cmd_evaluate(args, argv=()):
     if prepare_out(out, 'evaluate', True, False, [('--seg', seg)]) != 'new' and result_file.exists() and not args.force:
         raise CLIError(f"{result_file} exists: pass --force to replace it, or choose another --out")
     spec, preset, seed, input_size = resolve_data(args, up)
-    if args.split == 'test':
-        if spec['kind'] != 'voc': raise CLIError("--split test is the VOC 2012 test set: only with VOC data")
-        ds = VOCTestImages(spec)
-        images, masks, class_names = ds, None, VOC_CLASSES
-    elif spec['kind'] == 'voc':
-        ds = _voc(spec, args.split)
-        images, masks, class_names = ds, None, VOC_CLASSES
-    else:
-        ds = _synthetic(spec, args.split, args.n_val)
-        images, masks, class_names = ds.images, ds.masks, ['background'] + ds.class_names
+    ds, images, masks, class_names = _eval_data(args, spec)
     _load_ck(seg/'model.pt', 'train-seg')
     with _reading(seg/'model.pt', 'train-seg'): model = load_segmentation_model(seg, device=args.device)
     _check_finite(model, seg/'model.pt', 'train-seg')
@@ -1317,7 +1316,7 @@ def cmd_evaluate(args, argv=()):
         raise CLIError(f"the network in {seg} has {model.n_classes} outputs but the data has {len(class_names)} classes "
                        f"(background included)")
     scales, flip = (MULTI_SCALES, True) if args.multi_scale else ((1.0,), False)
-    _say(args, f"evaluate: {len(images)} {spec['kind']} {args.split} images" + (", multi-scale + flip" if flip else "")
+    say(not args.quiet, f"evaluate: {len(images)} {spec['kind']} {args.split} images" + (", multi-scale + flip" if flip else "")
          + (", dense CRF" if args.crf else ""))
     t0 = time.time()
     if args.split == 'test':
@@ -1326,10 +1325,7 @@ def cmd_evaluate(args, argv=()):
                    data_fingerprint=data_fingerprint(spec, ds), crf=args.crf, scales=list(scales), flip=flip,
                    seg=_abs(seg), inputs=dict(seg=dict(folder=_abs(seg), files=hashes)),
                    seconds=round(time.time() - t0, 1), finished=True)
-        write_json(result_file, res)
-        outputs = {p.name: file_sha256(p) for p in sorted(out.glob('eval_*.json'))}
-        write_run(out, 'evaluate', argv, preset, spec, input_size, seed=seed, finished=True, inputs=res['inputs'],
-                  outputs=dict(outputs, **{VOC_TEST_RESULTS: tree_sha256(folder)}))
+        _write_eval(out, result_file, res, argv, preset, spec, input_size, seed)
         print(f"predictions of {len(ds)} test images: palette PNGs in {folder} (the layout the evaluation server "
               f"takes: tar the results/ folder)")
         return res
@@ -1342,11 +1338,7 @@ def cmd_evaluate(args, argv=()):
                split=args.split, data=spec, data_fingerprint=data_fingerprint(spec, ds), crf=args.crf,
                scales=list(scales), flip=flip, n_images=len(images), seg=_abs(seg),
                inputs=dict(seg=dict(folder=_abs(seg), files=hashes)), seconds=round(time.time() - t0, 1), finished=True)
-    write_json(result_file, res)
-    outputs = {p.name: file_sha256(p) for p in sorted(out.glob('eval_*.json'))}
-    if (out/VOC_TEST_RESULTS).is_dir(): outputs[VOC_TEST_RESULTS] = tree_sha256(out/VOC_TEST_RESULTS)
-    write_run(out, 'evaluate', argv, preset, spec, input_size, seed=seed, finished=True, inputs=res['inputs'],
-              outputs=outputs)
+    _write_eval(out, result_file, res, argv, preset, spec, input_size, seed)
     if not args.quiet:
         for c, v in res['iou_per_class'].items(): print(f"  {c:12s} {'-' if v is None else f'{v:5.1f}'}")
     print(f"mIoU {score:.1f}% on {len(images)} {args.split} images  ({result_file})")
@@ -1375,12 +1367,14 @@ def _user_error(e):
     if isinstance(e, (CLIError, ValueError, FileNotFoundError)): return True
     return isinstance(e, RuntimeError) and str(e).startswith('Could not obtain the ImageNet')
 
+# %% ../nbs/11_cli.ipynb #849ef5c3
 def _message(e):
     "The error's message; from a DataLoader worker, its last line (the error itself), not the worker's traceback."
     text = str(e).strip()
     if 'Original Traceback' in text: return re.sub(r'^[\w.]+(Error|Exception): ', '', text.splitlines()[-1].strip())
     return ' '.join(text.split()) if isinstance(e, CLIError) else text
 
+# %% ../nbs/11_cli.ipynb #76d1fcb5
 def main(argv=None):
     "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2."
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]

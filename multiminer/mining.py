@@ -16,7 +16,7 @@ from torch import nn
 from fastcore.basics import patch
 from .core import region_map, mask_features, size_regularizer, generator_loss, merge_region_maps, input_scale
 from .models import CategoryAwareGenerator
-from .distributed import all_sum, broadcast_, ddp, global_mean, is_main, shard, world_size
+from .runtime import all_sum, atomic_save, broadcast_, ddp, global_mean, is_main, shard, world_size
 
 # %% ../nbs/05_mining.ipynb #08b93c1b
 STOP_REASONS = ('mining', 'not_recognised', 'nothing_mined', 'cap')   # why an object's sub-process ended
@@ -368,7 +368,7 @@ def save(self:MultiMiner, path):
     blob = dict(cfg=asdict(self.cfg), state=asdict(self.state), modulators=[m.state_dict() for m in self.modulators],
                 generator=self.generator.state_dict(), opt_ms=[o.state_dict() for o in self.opt_ms],
                 opt_g=self.opt_g.state_dict(), rng=self.rng.get_state(), torch_rng=torch.get_rng_state())
-    tmp = path.with_suffix('.tmp'); torch.save(blob, tmp); os.replace(tmp, path)
+    atomic_save(blob, path)
 
 def _same(a, b): return (list(a) if isinstance(a, (tuple, list)) else a) == (list(b) if isinstance(b, (tuple, list)) else b)
 

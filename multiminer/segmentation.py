@@ -4,25 +4,27 @@
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'DeepLabLargeFOV', 'DeepLabResNet101', 'SmallDeepLab', 'SegConfig', 'build_segmentation_model',
-           'seg_augment', 'poly_lr', 'train_segmentation', 'load_segmentation_model', 'predict', 'predict_masks',
-           'evaluate']
+           'seg_augment', 'poly_lr', 'seg_optimizer', 'check_same_run', 'train_segmentation', 'load_segmentation_model',
+           'predict', 'iter_masks', 'predict_masks', 'evaluate']
 
 # %% ../nbs/08_segmentation.ipynb #d8a6b363
-import dataclasses, hashlib, json, math, os, time, urllib.error
+import collections, dataclasses, functools, json, math, os, time, urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import SmallExtractor, count_parameters, imagenet_state_dict, load_checkpoint
-from .distributed import (ShardedBatchSampler, all_sum, barrier, ddp, global_batch_layers, global_mean, is_main,
-                                    world_size)
+from .runtime import (ShardedBatchSampler, all_sum, atomic_path, atomic_save, barrier, ddp, global_batch_layers,
+                                global_mean, is_main, kept_rng, ordered_map, progress_bar, resume_from, save_checkpoint, say,
+                                tensors_sha256, world_size)
 from .metrics import confusion_matrix, miou
+from .pseudo import dense_crf
 
 # %% ../nbs/08_segmentation.ipynb #45bcdebf
 class _Normalize(nn.Module):
@@ -67,10 +69,11 @@ class _LargeFOV(nn.Module):
     def forward(self, x):
         size = x.shape[-2:]
         h = self.pool5a(self.features(self.normalize(x)))
-        h = self.drop6(F.relu(self.fc6(h), inplace=True))
-        h = self.drop7(F.relu(self.fc7(h), inplace=True))
-        return F.interpolate(self.fc8(h), size=size, mode='bilinear', align_corners=False)
+        h = self.drop6(nnf.relu(self.fc6(h), inplace=True))
+        h = self.drop7(nnf.relu(self.fc7(h), inplace=True))
+        return nnf.interpolate(self.fc8(h), size=size, mode='bilinear', align_corners=False)
 
+# %% ../nbs/08_segmentation.ipynb #730a8b6b
 class DeepLabLargeFOV(_LargeFOV):
     "DeepLab-LargeFOV on VGG-16 (output stride 8); logits upsampled to the input size."
     def __init__(self, n_classes=21, pretrained=False, weights_path=None, dropout=0.5, progress=True):
@@ -130,7 +133,7 @@ class DeepLabResNet101(nn.Module):
         size, b = x.shape[-2:], self.backbone
         h = b.maxpool(b.relu(b.bn1(b.conv1(self.normalize(x)))))
         h = b.layer4(b.layer3(b.layer2(b.layer1(h))))
-        return F.interpolate(sum(c(h) for c in self.aspp), size=size, mode='bilinear', align_corners=False)
+        return nnf.interpolate(sum(c(h) for c in self.aspp), size=size, mode='bilinear', align_corners=False)
 
 # %% ../nbs/08_segmentation.ipynb #00d42796
 class SmallDeepLab(_LargeFOV):
@@ -217,6 +220,7 @@ def _as_image(x):
         raise ValueError(f"expected an image of shape (3, H, W); got {tuple(x.shape)}")
     return _check_range01(x.float())
 
+# %% ../nbs/08_segmentation.ipynb #2ea86b87
 def _check_range01(x):
     "Images must be un-normalised, in [0, 1]: the networks normalise them themselves."
     lo, hi = float(x.min()), float(x.max())
@@ -226,11 +230,13 @@ def _check_range01(x):
                          f"(e.g. voc_dataset(..., transform=None))")
     return x
 
+# %% ../nbs/08_segmentation.ipynb #1cc72b79
 def _as_mask(y):
     y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
     if y.ndim != 2: raise ValueError(f"expected a mask of shape (H, W); got {tuple(y.shape)}")
     return y.long()
 
+# %% ../nbs/08_segmentation.ipynb #d25088fc
 class _Pairs(torch.utils.data.Dataset):
     "Uniform (image, mask) view of tensors, lists, or a Dataset of (image, mask) / (image, labels, mask)."
     def __init__(self, images, masks=None):
@@ -261,15 +267,15 @@ def seg_augment(image, mask, crop_size=None, scale_range=(1.0, 1.0), flip=False,
     s = lo + (hi - lo) * u()
     if s != 1.0:
         size = (max(1, round(image.shape[1] * s)), max(1, round(image.shape[2] * s)))
-        image = F.interpolate(image[None], size=size, mode='bilinear', align_corners=False)[0]
-        mask = F.interpolate(mask[None, None].float(), size=size, mode='nearest')[0, 0].long()
+        image = nnf.interpolate(image[None], size=size, mode='bilinear', align_corners=False)[0]
+        mask = nnf.interpolate(mask[None, None].float(), size=size, mode='nearest')[0, 0].long()
     if crop_size is not None:
         H, W = mask.shape
         ph, pw = max(crop_size - H, 0), max(crop_size - W, 0)
         if ph or pw:
             mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).view(3, 1, 1)
-            image = F.pad(image - mean, (0, pw, 0, ph)) + mean
-            mask = F.pad(mask, (0, pw, 0, ph), value=ignore_index)
+            image = nnf.pad(image - mean, (0, pw, 0, ph)) + mean
+            mask = nnf.pad(mask, (0, pw, 0, ph), value=ignore_index)
         H, W = mask.shape
         top, left = int(u() * (H - crop_size + 1)), int(u() * (W - crop_size + 1))
         image = image[:, top:top + crop_size, left:left + crop_size]
@@ -277,6 +283,7 @@ def seg_augment(image, mask, crop_size=None, scale_range=(1.0, 1.0), flip=False,
     if flip and u() < 0.5: image, mask = image.flip(-1), mask.flip(-1)
     return image.contiguous(), mask.contiguous()
 
+# %% ../nbs/08_segmentation.ipynb #896e170d
 class _Augmented(torch.utils.data.Dataset):
     "Pairs augmented with a generator seeded by (seed, epoch, index): the same crops whatever the workers."
     def __init__(self, pairs, cfg, epoch):
@@ -292,31 +299,22 @@ def poly_lr(base_lr, iteration, max_iterations, power=0.9):
     "DeepLab's poly learning rate at `iteration` (0-based) of `max_iterations`."
     return base_lr * (1 - iteration / max_iterations) ** power
 
-def _param_groups(model, lr, mult):
+# %% ../nbs/08_segmentation.ipynb #e49679b5
+def seg_optimizer(cfg, model:nn.Module) -> torch.optim.SGD:
+    "SGD with `cfg`'s momentum and weight decay over two parameter groups: the last layer at `cfg.last_layer_lr_mult` times the rate of the others (each group keeps its factor as `lr_mult` for the poly schedule)."
     last = {id(p) for p in model.last_layer.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    return [dict(params=[p for p in params if id(p) not in last], lr=lr, lr_mult=1.0),
-            dict(params=[p for p in params if id(p) in last], lr=lr * mult, lr_mult=mult)]
+    mult = cfg.last_layer_lr_mult
+    groups = [dict(params=[p for p in params if id(p) not in last], lr=cfg.lr, lr_mult=1.0),
+              dict(params=[p for p in params if id(p) in last], lr=cfg.lr * mult, lr_mult=mult)]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/08_segmentation.ipynb #92159324
-def _rng_state(device):
-    s = {'torch': torch.get_rng_state()}
-    if device.type == 'cuda': s['cuda'] = torch.cuda.get_rng_state_all()
-    return s
-
-def _set_rng_state(s, device):
-    torch.set_rng_state(s['torch'])
-    if device.type == 'cuda' and 'cuda' in s: torch.cuda.set_rng_state_all(s['cuda'])
-
-def _atomic_save(obj, path):
-    tmp = Path(str(path) + '.tmp')
-    torch.save(obj, tmp); os.replace(tmp, path)
-
+# %% ../nbs/08_segmentation.ipynb #5153a56b
 _RUN_KEYS = ('model', 'n_classes', 'model_kwargs', 'crop_size', 'scale_range', 'flip', 'batch_size', 'epochs', 'lr',
              'last_layer_lr_mult', 'momentum', 'weight_decay', 'poly_power', 'ignore_index', 'seed')
 
-def _check_same_run(saved, cfg, path):
-    "Resuming with another schedule would silently train something else: refuse."
+def check_same_run(saved:dict, cfg, path):
+    "Refuse (a ValueError naming `path`) to resume training with a schedule other than the `saved` configuration's: it would silently train something else."
     norm = lambda d: json.loads(json.dumps({k: d.get(k) for k in _RUN_KEYS}, default=str))  # tuples == lists
     saved, now = norm(saved), norm(cfg.to_dict())
     diff = {k: (saved[k], now[k]) for k in _RUN_KEYS if saved[k] != now[k]}
@@ -324,28 +322,45 @@ def _check_same_run(saved, cfg, path):
         raise ValueError(f"cannot resume from {path}: it was written with a different configuration "
                          f"(saved vs now: {diff}); use another out_dir or the same settings")
 
+# %% ../nbs/08_segmentation.ipynb #633ec461
 def _seg_loss(logits, target, ignore_index):
     "Mean cross-entropy over the pixels whose label is not `ignore_index` (0 when there are none)."
-    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction='sum')
+    loss = nnf.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction='sum')
     return loss / (target != ignore_index).sum().clamp(min=1)
 
-def _data_fingerprint(images, masks):
-    "sha256 of the training images and masks when both are tensors (None for files and datasets: the CLI records those in run.json)."
-    if not (torch.is_tensor(images) and torch.is_tensor(masks)): return None
-    h = hashlib.sha256()
-    for t in (images, masks):
-        h.update(f"{tuple(t.shape)} {t.dtype}".encode()); h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+# %% ../nbs/08_segmentation.ipynb #48b3b0dc
+def _seg_epoch(net, opt, scaler, pairs, cfg, epoch, bs, total, device, use_amp, progress) -> float:
+    "One epoch of `train_segmentation`: the images in the order drawn from (seed, epoch), each rank on its share of every batch, the poly learning rate per iteration; the sum of the batches' losses on this rank."
+    per_epoch = len(pairs) // bs
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    batches = ShardedBatchSampler(torch.utils.data.BatchSampler(order, bs, drop_last=True))   # each rank: its share
+    loader = torch.utils.data.DataLoader(_Augmented(pairs, cfg, epoch), batch_sampler=batches,
+                                         num_workers=cfg.num_workers, generator=g, pin_memory=device.type == 'cuda')
+    run_loss = 0.
+    for j, (x, y) in enumerate(progress_bar(loader, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
+                                            leave=False, unit='batch')):
+        it = epoch * per_epoch + j
+        for grp in opt.param_groups: grp['lr'] = poly_lr(cfg.lr, it, total, cfg.poly_power) * grp['lr_mult']
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if use_amp: x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss = global_mean(_seg_loss(net(x), y, cfg.ignore_index), int((y != cfg.ignore_index).sum()))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt); scaler.update()
+        run_loss += loss.item() / world_size()
+    return run_loss
 
 # %% ../nbs/08_segmentation.ipynb #438099a3
 def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir=None, resume=False,
                        progress=True, model=None, callback=None) -> nn.Module:
     "Train `cfg.model` on (image, pseudo mask) pairs; checkpoints to `out_dir` each epoch; returns the model (eval mode). Under `torchrun`: DistributedDataParallel, each rank on its share of every batch."
-    from multiminer.features import progress_bar   # a tqdm bar with an ETA over each epoch's batches
     device = torch.device(device)
     pairs = _Pairs(images, masks)
     if len(pairs) == 0: raise ValueError("no training images")
-    data = _data_fingerprint(images, masks)   # resuming on other images or masks would silently mix two trainings
+    both = torch.is_tensor(images) and torch.is_tensor(masks)   # files and datasets: the command line records those in run.json
+    data = tensors_sha256(images, masks) if both else None     # resuming on other images or masks would mix two trainings
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None: out_dir.mkdir(parents=True, exist_ok=True)
     if resume and out_dir is None: raise ValueError("resume=True needs out_dir (where the checkpoint is)")
@@ -353,8 +368,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
     bs = min(cfg.batch_size, len(pairs))
     per_epoch = len(pairs) // bs
     total = cfg.epochs * per_epoch
-    cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=cuda_ids):
+    with kept_rng():
         torch.manual_seed(cfg.seed)
         ckpt_path = out_dir/'checkpoint.pt' if out_dir is not None else None
         ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
@@ -362,57 +376,35 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
                                                            progress=progress)
         model.to(device)
         if use_amp: model = model.to(memory_format=torch.channels_last)   # NHWC: what fp16 tensor-core convolutions want
-        opt = torch.optim.SGD(_param_groups(model, cfg.lr, cfg.last_layer_lr_mult), lr=cfg.lr,
-                              momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = seg_optimizer(cfg, model)
         scaler = torch.amp.GradScaler('cuda', enabled=use_amp)
         start, history = 0, []
         if ckpt is not None:
-            _check_same_run(ckpt['config'], cfg, ckpt_path)
+            check_same_run(ckpt['config'], cfg, ckpt_path)
             saved = ckpt.get('data')   # absent in checkpoints of earlier versions, None for files and datasets
             if saved is not None and data is not None and saved != data:
                 raise ValueError(f"cannot resume from {ckpt_path}: it was trained on other images or masks "
                                  f"(sha256 {str(saved)[:12]}… saved, {data[:12]}… now); use another out_dir")
-            model.load_state_dict(ckpt['model']); opt.load_state_dict(ckpt['optimizer'])
-            scaler.load_state_dict(ckpt['scaler']); _set_rng_state(ckpt['rng'], device)
-            start, history = ckpt['epoch'], ckpt['history']
-            if progress and is_main(): print(f"resuming from {ckpt_path} after epoch {start}/{cfg.epochs}")
-        elif resume and progress and is_main(): print(f"no checkpoint in {out_dir}; starting from scratch")
-        if world_size() > 1: global_batch_layers(model)   # batch statistics and dropout masks of the whole batch (14_distributed)
+            start, history = resume_from(ckpt, model, opt, scaler=scaler)
+            say(progress, f"resuming from {ckpt_path} after epoch {start}/{cfg.epochs}")
+        elif resume: say(progress, f"no checkpoint in {out_dir}; starting from scratch")
+        if world_size() > 1: global_batch_layers(model)   # batch statistics and dropout masks of the whole batch (00a_runtime)
         net, progress = ddp(model), progress and is_main()
         for epoch in range(start, cfg.epochs):
             t0, model = time.time(), model.train()
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(pairs), generator=g).tolist()
-            batches = ShardedBatchSampler(torch.utils.data.BatchSampler(order, bs, drop_last=True))   # each rank: its share
-            loader = torch.utils.data.DataLoader(_Augmented(pairs, cfg, epoch), batch_sampler=batches,
-                                                 num_workers=cfg.num_workers, generator=g, pin_memory=device.type == 'cuda')
-            run_loss = 0.
-            for j, (x, y) in enumerate(progress_bar(loader, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
-                                                    leave=False, unit='batch')):
-                it = epoch * per_epoch + j
-                for grp in opt.param_groups: grp['lr'] = poly_lr(cfg.lr, it, total, cfg.poly_power) * grp['lr_mult']
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if use_amp: x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    loss = global_mean(_seg_loss(net(x), y, cfg.ignore_index), int((y != cfg.ignore_index).sum()))
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt); scaler.update()
-                run_loss += loss.item() / world_size()
+            run_loss = _seg_epoch(net, opt, scaler, pairs, cfg, epoch, bs, total, device, use_amp, progress)
             run_loss = all_sum((run_loss,))[0]            # the batches' losses, over the ranks
             info = dict(epoch=epoch + 1, iteration=(epoch + 1) * per_epoch, loss=run_loss / max(per_epoch, 1),
                         seconds=round(time.time() - t0, 2))
             history.append(info)
             if progress: print(f"epoch {epoch + 1}/{cfg.epochs}  loss {info['loss']:.4f}  ({info['seconds']:.1f} s)")
-            if out_dir is not None and is_main():
-                _atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                                  epoch=epoch + 1, iteration=info['iteration'], rng=_rng_state(device),
-                                  history=history, config=cfg.to_dict(), data=data), ckpt_path)
+            if out_dir is not None:
+                save_checkpoint(ckpt_path, epoch + 1, history, cfg.to_dict(), model, opt, scaler=scaler,
+                                iteration=info['iteration'], data=data)
             if callback is not None: callback(info)
         if out_dir is not None and is_main():
-            _atomic_save(dict(model=model.state_dict(), config=cfg.to_dict(), history=history), out_dir/'model.pt')
-            tmp = out_dir/'history.json.tmp'; tmp.write_text(json.dumps(history, indent=1))
-            os.replace(tmp, out_dir/'history.json')
+            atomic_save(dict(model=model.state_dict(), config=cfg.to_dict(), history=history), out_dir/'model.pt')
+            with atomic_path(out_dir/'history.json') as tmp: tmp.write_text(json.dumps(history, indent=1))
         barrier()   # no rank goes on before rank 0 has written the model
     model.history = history
     return model.eval()
@@ -439,17 +431,18 @@ def _probs_batch(model, x, scales, flip, amp):
     H, W = x.shape[-2:]
     acc, n = 0., 0
     for s in scales:
-        xs = x if s == 1 else F.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))),
+        xs = x if s == 1 else nnf.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))),
                                             mode='bilinear', align_corners=False)
         for fl in ([False, True] if flip else [False]):
             with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
                 logits = model(xs.flip(-1) if fl else xs).float()
             if fl: logits = logits.flip(-1)
             if logits.shape[-2:] != (H, W):
-                logits = F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
+                logits = nnf.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
             acc, n = acc + logits.softmax(1), n + 1
     return acc / n
 
+# %% ../nbs/08_segmentation.ipynb #60579ec6
 def _iter_probs(model, images, scales=(1.0,), flip=False, batch_size=8, device=None, amp=True):
     """Yield (index, image, item, probs) for every image: `images` is a (N,3,H,W) tensor (batched), or a list or
     Dataset of images or of tuples starting with the image (one at a time); `item` is the list/Dataset element."""
@@ -479,29 +472,22 @@ def predict(model, images, scales=(1.0,), flip=False, batch_size=8, device=None,
 # %% ../nbs/08_segmentation.ipynb #3f66e48a
 def _uint8_hwc(image): return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
 
-def _iter_masks(model, images, crf=False, crf_kwargs=None, crf_workers=0, **kw):
-    "Yield (index, item, (H,W) labels); with `crf_workers` > 1 the CRFs run in that many processes, in order."
-    from multiminer.pseudo import dense_crf
-    ck = crf_kwargs or {}
-    if not crf or crf_workers <= 1:
-        for i, x, item, p in _iter_probs(model, images, **kw):
-            yield i, item, (torch.as_tensor(dense_crf(_uint8_hwc(x), p.numpy(), **ck)).long() if crf else p.argmax(0))
+def iter_masks(model, images, crf=False, crf_kwargs=None, crf_workers=0, **kw):
+    "Yield (index, item, (H,W) labels) for every image (`predict`'s `images`, `kw` its options); with `crf` the labels of the dense CRF, run in `crf_workers` processes when that is more than 1, in order."
+    if not crf:
+        for i, x, item, p in _iter_probs(model, images, **kw): yield i, item, p.argmax(0)
         return
-    import collections, multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(crf_workers, mp_context=multiprocessing.get_context('spawn')) as ex:
-        pending = collections.deque()
+    done = collections.deque()     # (index, item) of the images whose CRF is under way, in order
+    def jobs():
         for i, x, item, p in _iter_probs(model, images, **kw):
-            pending.append((i, item, ex.submit(dense_crf, _uint8_hwc(x), p.numpy(), **ck)))
-            while len(pending) > 2 * crf_workers:
-                j, it, f = pending.popleft(); yield j, it, torch.as_tensor(f.result()).long()
-        while pending:
-            j, it, f = pending.popleft(); yield j, it, torch.as_tensor(f.result()).long()
+            done.append((i, item)); yield _uint8_hwc(x), p.numpy()
+    for labels in ordered_map(functools.partial(dense_crf, **(crf_kwargs or {})), jobs(), crf_workers):
+        i, item = done.popleft(); yield i, item, torch.as_tensor(labels).long()
 
 def predict_masks(model, images, crf=False, scales=(1.0,), flip=False, batch_size=8, device=None, amp=True,
                   crf_kwargs=None, crf_workers=0):
     "Label maps of whole images: (N,H,W) int64 for a tensor, a list of (H,W) otherwise; dense CRF if `crf`."
-    out = [m for _, _, m in _iter_masks(model, images, crf, crf_kwargs, crf_workers, scales=scales, flip=flip,
+    out = [m for _, _, m in iter_masks(model, images, crf, crf_kwargs, crf_workers, scales=scales, flip=flip,
                                         batch_size=batch_size, device=device, amp=amp)]
     return torch.stack(out) if torch.is_tensor(images) else out
 
@@ -516,8 +502,7 @@ def evaluate(model, images, masks=None, n_classes=None, crf=False, scales=(1.0,)
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
     K = n_classes or model.n_classes
     conf, t0 = torch.zeros(K, K, dtype=torch.long), time.time()
-    from multiminer.features import progress_bar   # a tqdm bar with an ETA over the images
-    it = _iter_masks(model, images, crf, crf_kwargs, crf_workers, scales=scales, flip=flip, batch_size=batch_size,
+    it = iter_masks(model, images, crf, crf_kwargs, crf_workers, scales=scales, flip=flip, batch_size=batch_size,
                      device=device, amp=amp)
     for i, item, pred in progress_bar(it, 'evaluate', total=len(images), disable=not progress, unit='image'):
         conf += confusion_matrix(pred, _as_mask(masks[i] if masks is not None else item[-1]), K, ignore_index)

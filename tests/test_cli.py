@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from multiminer.cli import main, load_mining_result, read_run, _ordered_map, file_sha256
+from multiminer.cli import main, load_mining_result, read_run
+from multiminer.runtime import file_sha256
 from cli_helpers import run_cli, _one_thread
 from multiminer.data import make_voc_fixture
 
@@ -108,10 +109,6 @@ def test_voc_fixture_chain(tmp_path):
     (tmp_path/'p'/'masks'/'s2.png').unlink()
     code, _, err = run_cli('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s2', '--epochs', 1, '--quiet')
     assert code == 2 and f"{tmp_path/'p'/'masks'} changed after" in err
-
-
-def test_ordered_map_keeps_order():
-    assert list(_ordered_map(pow, [(2, i) for i in range(7)], 0)) == [2 ** i for i in range(7)]
 
 
 def test_offline_imagenet_weights_exit_2(tmp_path):

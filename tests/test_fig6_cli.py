@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from multiminer.cli import load_mining_result, read_run, _synthetic, file_sha256
+from multiminer.cli import load_mining_result, read_run, _synthetic
+from multiminer.runtime import file_sha256
 from multiminer.demo import pseudo_miou
 from cli_helpers import run_cli, ok, _one_thread
 
