@@ -402,10 +402,10 @@ def run_erasing(S, clf, bank, labels, device='cpu', progress=True):
     return fixed_erasing(clf.modulator, bank, labels, cfg, device=device, progress=progress, keep_steps=True)
 
 def mine_all(S, clf, bank, labels, image_size, device, out=None, resume=False, progress=True, callback=None, runs:dict=None):
-    "CAM seeds, fixed-step erasing (K steps) and the multi-miner on one feature bank: their strengths and the mining result; `runs`, a dict, receives the erasing run."
+    "CAM seeds, fixed-step erasing (K steps) and the multi-miner on one feature bank: their strengths and the mining result; given a dict `runs`, erasing runs `erasing_max_steps` and `runs['erasing']` receives the run."
     cam = normalized_cam(clf.modulator, bank[image_size], device=device)
-    erasing = run_erasing(S, clf, bank, labels, device, progress)
-    if runs is not None: runs['erasing'] = erasing
+    if runs is None: erasing = fixed_erasing(clf.modulator, bank, labels, S.erasing, device=device, progress=progress)
+    else: erasing = runs['erasing'] = run_erasing(S, clf, bank, labels, device, progress)
     result = MultiMiner(clf.modulator, S.mining, device=device).run(
         bank, labels, out_dir=None if out is None else out/'mining', resume=resume, progress=progress, callback=callback)
     return dict(cam=cam, fixed_erasing=erasing.strength_after(S.erasing.steps), multiminer=result.strength()), result
@@ -645,20 +645,20 @@ def premise_table(c:dict, seed=None) -> str:
     return '\n'.join([f"premise, seed {seed}" if seed is not None else "premise"] + [f"  {a:<{w}}  {b}" for a, b in rows])
 
 # %% ../nbs/09_demo.ipynb #hd000030
-def best_thresholds(out, crf_thresholds=None, device='cpu', progress=False, **demo_kw) -> dict:
+def best_thresholds(out, crf_thresholds=None, device='cpu', progress=False, settings:DemoSettings=None, **demo_kw) -> dict:
     "{method: {cue: best background threshold}} on one seed, from the demo folder `out` (its metrics.json; a fresh run there, without segmentation, when it has none); `crf_thresholds`: also the CRF's start threshold, swept over these."
     p = Path(out)/'metrics.json'
-    if not p.is_file(): run_demo(out, device=device, crf=False, segmentation=False, progress=progress, **demo_kw)
+    if not p.is_file(): run_demo(out, device=device, crf=False, segmentation=False, progress=progress, settings=settings, **demo_kw)
     m = json.loads(p.read_text())
     if 'headroom' not in m: raise ValueError(f"{p} has no `headroom` block: a demo run of an earlier version; run the demo again")
     best = {k: {cue: best_threshold(c) for cue, c in v.items()} for k, v in m['headroom']['threshold_curve'].items()}
     if crf_thresholds:
         cf = m['config']
-        S = DemoSettings.for_args(n_classes=cf['n_classes'], image_size=cf['image_size'], seed=cf['seed'], data=cf['data'])
+        S = settings or DemoSettings.for_args(n_classes=cf['n_classes'], image_size=cf['image_size'], seed=cf['seed'], data=cf['data'])
         P = prepare(S, out, cf['seed'], cf['n_images'], cf['n_classes'], cf['image_size'], device, resume=True, progress=progress)
-        strengths, _ = mine_all(S, P['clf'], P['bank'], P['ds'].labels, cf['image_size'], device, Path(out), True, progress)
+        strengths, _ = mine_all(S, P['clf'], P['bank'], P['ds'].labels, cf['image_size'], device, Path(out), True, progress, runs={})
         for k, s in strengths.items():
-            curve = {t: score_masks(crf_refine(P['ds'].images, s, P['ds'].labels, bg_threshold=t, workers=S.crf_workers),
+            curve = {t: score_masks(crf_refine(P['ds'].images, s, P['ds'].labels, bg_threshold=t, workers=S.crf_workers if len(P['ds']) > 128 else 0),
                                     P['ds'].masks, cf['n_classes'])[0] for t in crf_thresholds}
             best[k]['crf'] = best_threshold(curve)
     return best
