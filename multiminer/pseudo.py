@@ -68,8 +68,8 @@ def pseudo_masks(strength,                 # (N,C,h,w) in [0,1], HIGH = object (
 
 def _strongest(s, present, size):
     "Each pixel's strongest present class of a few images: (its strength, -1 where none is present; c+1), and the upsampled strengths."
-    if size is not None: s = _upsample(s, size)
-    s = s.masked_fill(~present[:, :, None, None], -1.)   # classes not in the image can never win
+    up, absent = s if size is None else _upsample(s, size), ~present[:, :, None, None]
+    s = up.masked_fill_(absent, -1.) if up is not s else s.masked_fill(absent, -1.)   # absent classes can never win (in place on a fresh copy)
     best, idx = s.max(1)
     return best, idx + 1, s
 
