@@ -59,14 +59,23 @@ class ErasingResult:
     strength: torch.Tensor     # (N, C, h, w): the CAM value where a step erased, else 0, at the largest scale's resolution
     erased: torch.Tensor       # (N, 1, h, w): 1 where some step erased
     history: list = field(default_factory=list)
+    step_strength: list = field(default_factory=list)   # per step k (with `keep_steps`): (N, C, h, w), the CAM value where step k erased, else 0
+
+    def strength_after(self, k:int) -> torch.Tensor:
+        "The strengths of the first `k` steps merged: what a run of `k` steps gives (needs `keep_steps` unless `k` is the number of steps run)."
+        K = len(self.history)
+        if not 1 <= k <= K: raise ValueError(f"strength_after: k must be in [1, {K}] (the steps run), got {k}")
+        if k == K: return self.strength
+        if len(self.step_strength) != K: raise ValueError("strength_after: this run kept no per-step strengths; run fixed_erasing(..., keep_steps=True)")
+        return torch.stack(self.step_strength[:k]).amax(0)
 
 # %% ../nbs/06_baselines.ipynb #45b81bbf
 def _resize(x, size):
     return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
 
 def fixed_erasing(modulator:nn.Module, bank, labels:torch.Tensor, cfg:ErasingConfig,
-                  device='cpu', progress:bool=True) -> ErasingResult:
-    "Erase each image's most discriminative regions for exactly `cfg.steps` steps on the scale schedule `cfg.scales`, retraining the modulator in between. `bank` maps scale -> (N, D, h, w) features (a tensor is one scale)."
+                  device='cpu', progress:bool=True, keep_steps:bool=False) -> ErasingResult:
+    "Erase each image's most discriminative regions for exactly `cfg.steps` steps on the scale schedule `cfg.scales`, retraining the modulator in between. `bank` maps scale -> (N, D, h, w) features (a tensor is one scale); `keep_steps` keeps each step's strengths, so that one run of K steps gives every K' <= K."
     if isinstance(bank, torch.Tensor): bank = {cfg.scales[-1]: bank} if len(cfg.scales) == 1 else None
     if bank is None: raise ValueError(f"fixed_erasing: pass a mapping scale -> features for the scales {cfg.scales}")
     final = bank[cfg.scales[-1]]
@@ -81,7 +90,7 @@ def fixed_erasing(modulator:nn.Module, bank, labels:torch.Tensor, cfg:ErasingCon
     keep = torch.ones((len(final), 1) + size)                 # 1 - erased, at the finest resolution
     strength = torch.zeros((len(final), labels.shape[1]) + size)
     pos = (labels > 0.5)[..., None, None]
-    hist = []
+    hist, steps = [], []
     for k in range(1, cfg.steps + 1):
         t0, loss, r = time.time(), float('nan'), cfg.scale(k)
         feats = bank[r]
@@ -89,8 +98,10 @@ def fixed_erasing(modulator:nn.Module, bank, labels:torch.Tensor, cfg:ErasingCon
         if k > 1: loss = fit_modulator(mod, opt, feats, keep_r, labels, cfg.n_m, cfg.batch_size, rng, device)
         cam = _resize(normalized_cam(mod, feats, keep_r, device=device), size).clamp(0, 1) * pos
         region = cam > cfg.erase_threshold
-        strength = torch.maximum(strength, torch.where(region, cam, torch.zeros_like(cam)))
+        erased_k = torch.where(region, cam, torch.zeros_like(cam))
+        strength = torch.maximum(strength, erased_k)
+        if keep_steps: steps.append(erased_k)
         keep = keep * (1 - region.any(1, keepdim=True).float())
         hist.append(dict(step=k, scale=r, modulator_loss=loss, erased_fraction=float(1 - keep.mean()), seconds=time.time() - t0))
         if progress: print(f"erasing step {k}/{cfg.steps} @{r}px: modulator loss {loss:.3f}, erased {100 * (1 - keep.mean()):.1f}% of positions, {hist[-1]['seconds']:.1f}s", flush=True)
-    return ErasingResult(strength=strength, erased=1 - keep, history=hist)
+    return ErasingResult(strength=strength, erased=1 - keep, history=hist, step_strength=steps)
