@@ -28,6 +28,7 @@ from .mining import MiningConfig, MultiMiner, object_index
 from .baselines import ErasingConfig, fixed_erasing, normalized_cam
 from .pseudo import pseudo_masks, strongest_class, crf_refine, SALIENCY_BG
 from .metrics import confusion_matrix, miou
+from .runtime import say
 from .segmentation import SegConfig, train_segmentation, evaluate, predict
 
 # %% ../nbs/09_demo.ipynb #8273722f
@@ -387,9 +388,6 @@ def plot_headroom(hr:dict, path=None):
     return fig
 
 # %% ../nbs/09_demo.ipynb #e266c075
-def _say(progress, *a):
-    if progress: print(*a, flush=True)
-
 def make_synthetic(data, n_images, n_classes, image_size, seed, **kw):
     "The demo's data: `SyntheticScenes` ('scenes') or `SyntheticShapes` ('shapes')."
     if data not in DATA_KINDS: raise ValueError(f"--data must be one of {sorted(DATA_KINDS)}, got {data!r}")
@@ -427,28 +425,28 @@ def all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=True, s
 def prepare(S:DemoSettings, out, seed, n_images, n_classes, image_size, device='cpu', resume=False, progress=True, secs=None):
     "What every experiment starts from: the data, the stage-0 classifier, the features at every scale and the saliency cues."
     secs = {} if secs is None else secs
-    def stage(name, t0): secs[name] = round(time.time() - t0, 2); _say(progress, f"   [{name}: {secs[name]:.1f}s]")
+    def stage(name, t0): secs[name] = round(time.time() - t0, 2); say(progress, f"   [{name}: {secs[name]:.1f}s]")
     out = Path(out)
-    t0 = time.time(); _say(progress, f"== data: {S.data} ({n_images} images, {n_classes} classes, {image_size}px, seed {seed})")
+    t0 = time.time(); say(progress, f"== data: {S.data} ({n_images} images, {n_classes} classes, {image_size}px, seed {seed})")
     ds = make_synthetic(S.data, n_images, n_classes, image_size, seed)
     stage('data', t0)
 
-    t0 = time.time(); _say(progress, "== stage 0: classifier (extractor + modulator, multi-label loss)")
+    t0 = time.time(); say(progress, "== stage 0: classifier (extractor + modulator, multi-label loss)")
     clf = train_classifier(S.classifier, ds, device=device, progress=progress, out_dir=out/'classifier', resume=resume)
     freeze(clf.extractor); stage('classifier', t0)
 
     t0 = time.time(); scales = sorted(set(S.mining.scales) | {image_size})
-    _say(progress, f"== features at scales {scales}")
+    say(progress, f"== features at scales {scales}")
     bank = FeatureBank(clf.extractor, ds.images, scales, device=device)
     for s in bank.scales: bank[s]
     stage('features', t0)
 
-    t0 = time.time(); _say(progress, f"== saliency network on its own split ({S.n_saliency} images of other classes)")
+    t0 = time.time(); say(progress, f"== saliency network on its own split ({S.n_saliency} images of other classes)")
     sal_ds = make_synthetic(S.data, S.n_saliency, n_classes, image_size, seed + 200_000, class_seed=1)
     sal_net = train_saliency(S.saliency, sal_ds, device=device, out_dir=out/'saliency', resume=resume)
     saliency = saliency_maps(sal_net, ds.images, device=device)
     sal_iou = round(foreground_iou(saliency, ds.masks, SALIENCY_BG), 2)
-    _say(progress, f"   saliency foreground IoU on the mined images: {sal_iou:.1f}")
+    say(progress, f"   saliency foreground IoU on the mined images: {sal_iou:.1f}")
     stage('saliency', t0)
     return dict(ds=ds, clf=clf, bank=bank, saliency=saliency, saliency_fg_iou=sal_iou)
 
@@ -465,27 +463,27 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     S = settings or DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed, data=data)
     secs, t_all = {}, time.time()
-    def stage(name, t0): secs[name] = round(time.time() - t0, 2); _say(progress, f"   [{name}: {secs[name]:.1f}s]")
+    def stage(name, t0): secs[name] = round(time.time() - t0, 2); say(progress, f"   [{name}: {secs[name]:.1f}s]")
 
     P = prepare(S, out, seed, n_images, n_classes, image_size, device, resume, progress, secs)
     images, labels, masks, clf, bank, saliency = P['ds'].images, P['ds'].labels, P['ds'].masks, P['clf'], P['bank'], P['saliency']
 
-    t0 = time.time(); _say(progress, f"== CAM; fixed-step erasing, {S.erasing.steps} steps for every object; multi-miner, "
+    t0 = time.time(); say(progress, f"== CAM; fixed-step erasing, {S.erasing.steps} steps for every object; multi-miner, "
                                      f"scales {S.mining.scales}, at most {S.mining.max_steps} steps")
     def by_steps(miner):   # Fig. 6, the cheap version: pseudo-mask mIoU (threshold cue) of the first T steps merged
         r = miner.result(n_images, n_classes)
         miner.state.history[-1]['miou_merged'] = pseudo_miou(r.strength(), labels, masks, S.bg_threshold('multiminer'))
-        _say(progress, f"   pseudo-mask mIoU of the first {miner.state.t} steps merged: {miner.state.history[-1]['miou_merged']:.1f}")
+        say(progress, f"   pseudo-mask mIoU of the first {miner.state.t} steps merged: {miner.state.history[-1]['miou_merged']:.1f}")
     runs = {}
     strengths, result = mine_all(S, clf, bank, labels, image_size, device, out, resume, progress, by_steps, runs)
     stage('mining', t0)
 
-    t0 = time.time(); _say(progress, "== pseudo masks: every method with every cue (threshold, crf, saliency)")
+    t0 = time.time(); say(progress, "== pseudo masks: every method with every cue (threshold, crf, saliency)")
     crf_secs = {}
     pm = all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=crf, secs=crf_secs)
     scores = {k: {cue: score_masks(p, masks, n_classes) for cue, p in v.items()} for k, v in pm.items()}
     stage('pseudo_masks', t0)
-    for k, v in scores.items(): _say(progress, f"   {k:14s} " + '  '.join(f"{cue} {s[0]:5.1f}" for cue, s in v.items()))
+    for k, v in scores.items(): say(progress, f"   {k:14s} " + '  '.join(f"{cue} {s[0]:5.1f}" for cue, s in v.items()))
 
     areas = object_areas(masks, result.objects)
     spear = round(spearman(areas.numpy(), result.steps.numpy()), 4)
@@ -503,27 +501,27 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
         outside_ratio_by_size=by_size(outside_ratio(result, masks), areas),
         saliency_fg_iou=P['saliency_fg_iou'],
         n_objects=len(result.objects), mining_steps_run=len(result.history))
-    t0 = time.time(); _say(progress, "== the gap, decomposed: threshold curves; fixed T, oracle T, stop rule; step overlap")
+    t0 = time.time(); say(progress, "== the gap, decomposed: threshold curves; fixed T, oracle T, stop rule; step overlap")
     hr = metrics['headroom'] = decompose(S, strengths, runs['erasing'], result, labels, masks, saliency)
     hr['crf_curve'] = dict(swept=False, seconds_one_threshold=round(crf_secs['crf'], 2) if crf else None, thresholds=len(THRESHOLDS))
     stage('headroom', t0)
-    _say(progress, f"   oracle T: erasing {hr['oracle_T']['fixed_erasing']:.1f}, multi-miner {hr['oracle_T']['multiminer']:.1f}; "
+    say(progress, f"   oracle T: erasing {hr['oracle_T']['fixed_erasing']:.1f}, multi-miner {hr['oracle_T']['multiminer']:.1f}; "
                    f"stop rule {hr['stop_rule']:.1f}; Spearman(oracle T, T_j) {hr['oracle_stop_spearman']:.2f}")
     if S.mining.min_region > 0:   # the ablation: the same mining with the area test off
-        t0 = time.time(); _say(progress, "== ablation: mining with the area test off (min_region=0)")
+        t0 = time.time(); say(progress, "== ablation: mining with the area test off (min_region=0)")
         cfg0 = MiningConfig(**{**asdict(S.mining), 'min_region': 0., 'keep_step_maps': 0})
         r0 = MultiMiner(clf.modulator, cfg0, device=device).run(bank, labels, out_dir=out/'mining_no_area_test', resume=resume, progress=False)
         metrics['steps_size_spearman_no_area_test'] = round(spearman(areas.numpy(), r0.steps.numpy()), 4)
         stage('mining_no_area_test', t0)
 
     if segmentation:
-        t0 = time.time(); _say(progress, "== segmentation: trained on each method's saliency-cue masks and on ground truth, scored on a separate split")
+        t0 = time.time(); say(progress, "== segmentation: trained on each method's saliency-cue masks and on ground truth, scored on a separate split")
         val = make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
         seg = {}
         for name in METHODS + ('ground_truth',):
             target = masks if name == 'ground_truth' else pm[name]['saliency']
             seg[name] = train_and_score(S, name, images, target, val, n_classes, out, device, resume)
-            _say(progress, f"   segmentation mIoU, trained on {name:14s} {seg[name]:5.1f}")
+            say(progress, f"   segmentation mIoU, trained on {name:14s} {seg[name]:5.1f}")
         metrics['segmentation_miou'] = seg
         stage('segmentation', t0)
     cal = dict(cam_threshold=metrics['pseudo_miou']['cam']['threshold'])
@@ -543,7 +541,7 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
     metrics['config'] = dict(seed=seed, n_images=n_images, n_classes=n_classes, image_size=image_size, device=str(device),
                              crf=crf, segmentation=segmentation, data=S.data, settings=S.to_dict())
     (out/'metrics.json').write_text(json.dumps(metrics, indent=1))
-    _say(progress, f"== done in {secs['total']:.0f}s: {out/'metrics.json'}")
+    say(progress, f"== done in {secs['total']:.0f}s: {out/'metrics.json'}")
     return metrics
 
 # %% ../nbs/09_demo.ipynb #9fbc53de
@@ -562,13 +560,13 @@ def run_table2(out='runs/table2', seed=0, n_images=400, n_classes=4, image_size=
     for scales in [(s,) for s in S.mining.scales] + [S.mining.scales]:
         name = 'multi-scale' if len(scales) > 1 else f"{scales[0]}px"
         cfg = MiningConfig(**{**asdict(S.mining), 'scales': scales, 'batch_sizes': S.mining.batch_sizes[:len(scales)], 'keep_step_maps': 0})
-        _say(progress, f"== mining at {name}")
+        say(progress, f"== mining at {name}")
         r = MultiMiner(P['clf'].modulator, cfg, device=device).run(P['bank'], ds.labels, out_dir=out/f'mining_{name}', resume=resume, progress=False)
         pm = pseudo_masks(r.strength(), ds.labels, size=image_size, bg_threshold=r.bg_threshold, saliency=P['saliency'])
         rows[name] = dict(pseudo_miou=round(score_masks(pm, ds.masks, n_classes)[0], 2),
                           segmentation_miou=train_and_score(S, name, ds.images, pm, val, n_classes, out, device, resume),
                           steps_run=len(r.history))
-        _say(progress, f"   {name}: {rows[name]}")
+        say(progress, f"   {name}: {rows[name]}")
     res = dict(rows=rows, config=dict(seed=seed, n_images=n_images, data=S.data, settings=S.to_dict()))
     (out/'table2.json').write_text(json.dumps(res, indent=1))
     return res
@@ -587,7 +585,7 @@ def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=400, n_classes=4
         r.merged = m.float() / 255
         pm = pseudo_masks(r.strength(), ds.labels, size=image_size, bg_threshold=r.bg_threshold, saliency=P['saliency'])
         curve.append(train_and_score(S, f'steps_{T}', ds.images, pm, val, n_classes, out, device, resume))
-        _say(progress, f"   first {T} steps merged: segmentation mIoU {curve[-1]:.1f}")
+        say(progress, f"   first {T} steps merged: segmentation mIoU {curve[-1]:.1f}")
     res = dict(segmentation_miou_by_steps=curve, config=dict(seed=seed, n_images=n_images, data=S.data, settings=S.to_dict()))
     (out/'fig6.json').write_text(json.dumps(res, indent=1))
     return res
