@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from . import __version__
 from .runtime import (atomic_path, atomic_save, barrier, file_sha256, init_distributed, is_main, kept_rng,
                                 launched, ordered_map, progress_bar, resume_from, say, tree_sha256)
-from .data import (IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC_PALETTE, _resolve_roots, image_file_size,
+from .data import (IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC_PALETTE, resolve_roots, image_file_size,
                              labels_from_mask, read_image_file, read_mask_file, voc_dataset, voc_transforms)
 from .models import CheckpointError, load_checkpoint
 from .classifier import (CHECKPOINT_NAME, ClassifierConfig, build_classifier, freeze, load_classifier,
@@ -1247,7 +1247,7 @@ class VOCTestImages(Dataset):
     "The VOC 2012 test images (ImageSets/Segmentation/test.txt, no masks): float (3, H, W) in [0, 1], as the networks take them."
     split = 'test'
     def __init__(self, spec):
-        voc = _resolve_roots(spec['voc_root'], None)[0]/'VOCdevkit'/'VOC2012'
+        voc = resolve_roots(spec['voc_root'], None)[0]/'VOCdevkit'/'VOC2012'
         lst = voc/'ImageSets'/'Segmentation'/'test.txt'
         if not lst.is_file():
             raise CLIError(f"--split test: {lst} not found. Unpack the VOC 2012 test images (VOC2012test.tar, from the "

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'VOC_PALETTE', 'VOC_URL', 'SBD_URL', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'labels_from_mask', 'colorize_mask', 'SyntheticShapes', 'SyntheticScenes', 'cam_coverage',
-           'coverage_by_size', 'read_image_file', 'read_mask_file', 'image_file_size', 'VOCSegDataset',
+           'coverage_by_size', 'resolve_roots', 'read_image_file', 'read_mask_file', 'image_file_size', 'VOCSegDataset',
            'read_split_list', 'voc_dataset', 'voc_transforms', 'make_voc_fixture']
 
 # %% ../nbs/01_data.ipynb #0c453a49
@@ -908,7 +908,7 @@ def _voc_layout_error(root, missing, split):
         f"Get VOC 2012 from the devkit site {VOC_URL} and SBD from {SBD_URL}, and unpack both into the data "
         f"root. Nothing is downloaded automatically.")
 
-def _resolve_roots(root, sbd_root):
+def resolve_roots(root, sbd_root):
     "The data root (the folder holding VOCdevkit) and the SBD 'dataset' folder, from the paths the user gave."
     root = Path(root).expanduser()
     if root.name == 'VOC2012' and root.parent.name == 'VOCdevkit': root = root.parent.parent
@@ -1048,7 +1048,7 @@ def voc_dataset(root, split: str = 'train_aug', transform=None, sbd_root=None) -
     "PASCAL VOC 2012 `split` ('train_aug', 'train' or 'val') from the data root holding VOCdevkit/ (and benchmark_RELEASE/ for train_aug); items (image, labels, mask)."
     if split not in ('train_aug', 'train', 'val'):
         raise ValueError(f"voc_dataset: split must be 'train_aug', 'train' or 'val'; got {split!r}")
-    root, sbd = _resolve_roots(root, sbd_root)
+    root, sbd = resolve_roots(root, sbd_root)
     voc = root/'VOCdevkit'/'VOC2012'
     need = [voc/'JPEGImages', voc/'SegmentationClass', voc/'ImageSets'/'Segmentation'/'val.txt']
     if split != 'val': need.append(voc/'ImageSets'/'Segmentation'/'train.txt')
