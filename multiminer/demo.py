@@ -44,9 +44,14 @@ class DemoSettings:
     segmentation: SegConfig
     saliency: SegConfig             # the class-agnostic saliency network (SeeNet's stand-in)
     data: str = 'scenes'            # 'scenes' (SyntheticScenes) | 'shapes' (SyntheticShapes, the simple teaching set)
-    bg_cam: float = 0.1             # "mined" threshold of the CAM strengths (threshold and saliency cues)
-    bg_fixed_erasing: float = 0.1   # ... of fixed-step erasing's strengths (both: the best with the saliency cue, dev seed 100)
-    bg_multiminer: float = 0.5      # ... of the multi-miner's strengths 1 - M^f (post-processing; the stop rule keeps region_threshold)
+    # "mined" thresholds on each method's strengths, one per cue, each the best on development seeds 100 and 101
+    # (the mean of their headroom.threshold_curve); the multi-miner's are post-processing: its stop rule keeps region_threshold
+    bg_cam: float = 0.3             # threshold cue
+    bg_fixed_erasing: float = 0.6
+    bg_multiminer: float = 0.6      # on the multi-miner's strengths 1 - M^f
+    bg_cam_saliency: float = 0.05   # saliency cue
+    bg_fixed_erasing_saliency: float = 0.1
+    bg_multiminer_saliency: float = 0.05
     erasing_max_steps: int = 6      # erasing runs this many steps once; its result is the first `erasing.steps`, the rest feed `headroom`
     bg_cam_crf: float = 0.2         # ... of the probabilities the dense CRF starts from, for each method
     bg_fixed_erasing_crf: float = 0.35
@@ -77,9 +82,11 @@ class DemoSettings:
                    segmentation=SegConfig.synthetic(n_classes=n_classes + 1, **segm),
                    saliency=SegConfig.synthetic(n_classes=2, **seg), data=data, **kw)
 
-    def bg_threshold(self, method:str, crf:bool=False, result=None) -> float:
-        "The 'mined' threshold on `method`'s strengths ('cam', 'fixed_erasing', 'multiminer'), before or after a CRF: `bg_<method>[_crf]`, each chosen by the same sweep (`result` is not needed)."
-        name = f"bg_{method}{'_crf' if crf else ''}"
+    def bg_threshold(self, method:str, crf:bool=False, result=None, cue:str=None) -> float:
+        "The 'mined' threshold on `method`'s strengths ('cam', 'fixed_erasing', 'multiminer') for a cue ('threshold', 'saliency', or 'crf' = `crf=True`: the probabilities the dense CRF starts from): `bg_<method>[_<cue>]`, each chosen by the same sweep (`result` is not needed)."
+        cue = 'crf' if crf else (cue or 'threshold')
+        if cue not in CUES: raise ValueError(f"no background threshold for cue {cue!r}; use one of {CUES}")
+        name = f"bg_{method}" + ('' if cue == 'threshold' else f"_{cue}")
         if not hasattr(self, name): raise ValueError(f"no background threshold for method {method!r}; use one of {METHODS}")
         return getattr(self, name)
 
@@ -415,7 +422,7 @@ def all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=True, s
     for k, s in strengths.items():
         bg = S.bg_threshold(k)
         out[k] = dict(threshold=byte(pseudo_masks(s, labels, size=size, bg_threshold=bg)),
-                      saliency=byte(pseudo_masks(s, labels, size=size, bg_threshold=bg, saliency=saliency)))
+                      saliency=byte(pseudo_masks(s, labels, size=size, bg_threshold=S.bg_threshold(k, cue='saliency'), saliency=saliency)))
         if crf:
             t0 = time.time()
             out[k]['crf'] = byte(crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True), workers=S.crf_workers if len(images) > 128 else 0))

@@ -172,7 +172,7 @@ def pseudo_mask(data:ExplorerData, method:str, i:int, cue:str='threshold') -> to
             m = crf_refine(data.images[i:i+1], s, lab, bg_threshold=S.bg_threshold(method, crf=True), workers=0)
         else:
             sal = data.saliency[i:i+1] if cue == 'saliency' else None
-            m = pseudo_masks(s, lab, size=size, bg_threshold=S.bg_threshold(method, result=data.result), saliency=sal)
+            m = pseudo_masks(s, lab, size=size, bg_threshold=S.bg_threshold(method, cue=cue), saliency=sal)
         data.cache[key] = m[0]
     return data.cache[key]
 
@@ -214,7 +214,7 @@ def object_view(data:ExplorerData, method:str, i:int, c:int, cue:str='threshold'
         merged = _up(m[None], size)[0]
     else: merged = _up(final, size)[0]
     probs = data.result.probs[:, k] if method == 'multiminer' else None
-    bg = data.settings.bg_threshold(method, crf=cue == 'crf', result=data.result)
+    bg = data.settings.bg_threshold(method, cue=cue)
     title = f"image {i} · class {c + 1} · {METHOD_TITLES[method]} · cue: {cue}"
     if not have: title += f" (per-step maps are kept for the first {len(steps[0]['maps'])} objects only)"
     return dict(image=data.images[i], gt=data.masks[i], cls=c, merged=merged, step_maps=maps, probs=probs,
@@ -283,7 +283,7 @@ def load_demo(folder='runs/demo', device='cpu', progress=True) -> ExplorerData:
     data = explorer_data(S, ds.images, ds.masks, ds.labels, clf, bank, result, saliency, device, source=str(folder))
     data.info = dict(seconds=round(time.time() - t0, 1), saved_pseudo_miou={k: v['threshold'] for k, v in metrics['pseudo_miou'].items()},
                      pseudo_miou={k: round(score_masks(pseudo_masks(s, ds.labels, size=cfg['image_size'],
-                                                                   bg_threshold=S.bg_threshold(k, result=result)),
+                                                                   bg_threshold=S.bg_threshold(k)),
                                                       ds.masks, cfg['n_classes'])[0], 2) for k, s in data.strengths.items()})
     if progress: print(f"opened {folder} in {data.info['seconds']}s: {len(ds)} images, {len(result.objects)} objects; "
                        f"pseudo-mask mIoU (threshold cue) recomputed {data.info['pseudo_miou']}, saved {data.info['saved_pseudo_miou']}")
