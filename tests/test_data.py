@@ -158,8 +158,21 @@ def test_scenes_follow_the_contract(scenes):
 def test_scenes_sizes_and_parts(scenes):
     areas = scenes.areas[scenes.labels.bool()].float()
     assert areas.min() >= 144 and areas.max() / areas.min() >= 20   # (>= 30 on the notebook's 1000 images)
-    parts = torch.stack([(scenes.part_masks == c + 1).flatten(1).sum(1) for c in range(4)], 1)[scenes.labels.bool()]
-    assert 0.1 < (parts.float() / areas).median() < 0.18
+    heads = torch.stack([(scenes.part_masks == c + 1).flatten(1).sum(1) for c in range(4)], 1)[scenes.labels.bool()]
+    p = scenes.params
+    n_parts = torch.zeros_like(scenes.labels, dtype=torch.long).scatter_(1, p['cls'], p['n_parts'] * p['active'])[scenes.labels.bool()]
+    assert abs(float((heads.float() / areas * n_parts).median()) - 1) < 0.05   # the head: one of n_parts equal parts
+    assert areas[n_parts == 1].median() < areas[n_parts == 3].median() < areas[n_parts == 5].median()
+
+
+def test_scenes_bodies_layout():
+    "The earlier scenes, objects='bodies': the same geometry, one small part per object."
+    a, b = SyntheticScenes(70, seed=2), SyntheticScenes(70, seed=2, objects='bodies')
+    assert torch.equal(a.masks, b.masks) and not torch.equal(a.images, b.images)
+    areas = b.areas[b.labels.bool()].float()
+    part = torch.stack([(b.part_masks == c + 1).flatten(1).sum(1) for c in range(4)], 1)[b.labels.bool()]
+    assert 0.08 < (part.float() / areas).median() < 0.2
+    assert "objects='bodies'" in repr(b)
 
 
 def test_scenes_seeds():
@@ -176,7 +189,9 @@ def test_scenes_seeds():
     (dict(n_images=0), 'SyntheticScenes: n_images'), (dict(n_images=3, n_classes=25), 'n_classes'),
     (dict(n_images=3, area_range=(0.4, 0.2)), 'ordered pair'), (dict(n_images=3, class_seed=1.5), 'class_seed'),
     (dict(n_images=3, body_regions=0), 'body_regions'), (dict(n_images=3, noise=2), 'noise'),
-    (dict(n_images=3, overlap=-0.1), 'overlap'), (dict(n_images=3, ignore_border=9), 'ignore_border')])
+    (dict(n_images=3, overlap=-0.1), 'overlap'), (dict(n_images=3, ignore_border=9), 'ignore_border'),
+    (dict(n_images=3, objects='blobs'), "objects must be 'parts' or 'bodies'"), (dict(n_images=3, context=1.5), 'context'),
+    (dict(n_images=3, part_saturation=(1, 0.5)), 'part_saturation'), (dict(n_images=3, max_parts=9), 'max_parts')])
 def test_scenes_reject_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         SyntheticScenes(**kwargs)
