@@ -263,8 +263,9 @@ def decompose(S, strengths:dict, erasing, result, labels, masks, saliency, thres
     objects = object_index(labels) if result is None else result.objects
     areas = object_areas(masks, objects).numpy()
     per_step = dict(fixed_erasing=(erasing_step_strengths(erasing, objects), None, 0., None))
-    if result is not None:
+    if result is not None and result.step_maps and len(result.step_maps[0]['maps']) == len(result.objects):
         per_step['multiminer'] = (mining_step_strengths(result), result.steps, 1 - result.region_threshold, mining_stored(result))
+    elif result is not None: hr['multiminer_steps'] = 'not decomposed: mine with keep_step_maps=-1 to keep every object\'s maps'
     for key in ('fixed_T', 'oracle_T', 'oracle_T_area_spearman', 'step_overlap'): hr[key] = {}
     for m, (steps, stop, level, stored) in per_step.items():
         h = step_headroom(steps, objects, labels, masks, S.bg_threshold(m), stop)
@@ -512,8 +513,9 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
     hr = metrics['headroom'] = decompose(S, strengths, runs['erasing'], result, labels, masks, saliency)
     hr['crf_curve'] = dict(swept=False, seconds_one_threshold=round(crf_secs['crf'], 2) if crf else None, thresholds=len(THRESHOLDS))
     stage('headroom', t0)
-    say(progress, f"   oracle T: erasing {hr['oracle_T']['fixed_erasing']:.1f}, multi-miner {hr['oracle_T']['multiminer']:.1f}; "
-                   f"stop rule {hr['stop_rule']:.1f}; Spearman(oracle T, T_j) {hr['oracle_stop_spearman']:.2f}")
+    if 'multiminer' in hr['oracle_T']:
+        say(progress, f"   oracle T: erasing {hr['oracle_T']['fixed_erasing']:.1f}, multi-miner {hr['oracle_T']['multiminer']:.1f}; "
+                       f"stop rule {hr['stop_rule']:.1f}; Spearman(oracle T, T_j) {hr['oracle_stop_spearman']:.2f}")
     if S.mining.min_region > 0:   # the ablation: the same mining with the area test off
         t0 = time.time(); say(progress, "== ablation: mining with the area test off (min_region=0)")
         cfg0 = MiningConfig(**{**asdict(S.mining), 'min_region': 0., 'keep_step_maps': 0})
