@@ -1099,7 +1099,7 @@ def save_snapshot(miner, folder) -> Path:
 
 # %% ../nbs/11_cli.ipynb #96eea8ef
 def snapshot_result(result, folder, t):
-    "`result` (a whole mining run, from `folder`) cut to its first `t` steps: the pool of snapshots/step_<t>.pt, T_j counted to step t."
+    "`result` (a whole mining run, from `folder`) cut to its first `t` steps: the pool of `snapshots/step_<t>.pt`, T_j counted to step t."
     p = snapshot_path(folder, t)
     d = _load_ck(p, 'mine')
     with _reading(p, 'mine'):
@@ -1160,7 +1160,7 @@ def _check_steps(t, up, folder):
 
 # %% ../nbs/11_cli.ipynb #b1c59e82
 class PseudoMaskDataset(Dataset):
-    "VOC images (float (3, H, W) in [0, 1]) paired with the pseudo masks `mask_dir`/<image id>.png."
+    "VOC images (float (3, H, W) in [0, 1]) paired with the pseudo masks `mask_dir/<image id>.png`."
     def __init__(self, base, mask_dir):
         self.base, self.mask_dir = base, Path(mask_dir)
         missing = [n for n in base.names if not (self.mask_dir/f"{n}.png").is_file()]

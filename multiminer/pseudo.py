@@ -105,7 +105,7 @@ def strongest_class(strength,              # (N,C,h,w) in [0,1], HIGH = object
     return best, cls
 
 # %% ../nbs/07_pseudo_labels.ipynb #c3754285
-def load_saliency(folder,          # folder of grey-scale PNGs, one per image, named `<name>.png`
+def load_saliency(folder,          # folder of grey-scale PNGs, one per image, named after the image id, NAME.png
                   names,           # image ids, e.g. '2007_000032'
                   size=None,       # (H,W) or int: resize (bilinear) to this; needed when sizes differ
                  )->torch.Tensor:  # (N,H,W) float32 in [0,1], foreground high
