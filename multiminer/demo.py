@@ -302,30 +302,30 @@ def foreground_iou(saliency, masks, threshold) -> float:
     return 100 * float((s & g).sum() / (s | g).sum().clamp(min=1))
 
 # %% ../nbs/09_demo.ipynb #ea8e9406
-def plot_steps(images, masks, result, n_objects=6, path=None):
+def plot_steps(images, masks, result, n_objects=6, path=None, max_steps=5):
     "Fig. 7: for a few objects, the image, its mask, the merged mined region, and each step's region map."
     if not result.step_maps: raise ValueError("plot_steps needs per-step maps: mine with MiningConfig(keep_step_maps=n)")
     n_kept = len(result.step_maps[0]['maps'])
     kept = result.objects[:n_kept]
     order = torch.argsort(object_areas(masks, kept), descending=True)
     pick = order[torch.linspace(0, len(order) - 1, min(n_objects, len(order))).round().long()].tolist()
-    T = len(result.step_maps)
-    fig, axs = plt.subplots(len(pick), T + 3, figsize=(1.25 * (T + 3), 1.3 * len(pick)), squeeze=False)
+    T = min(len(result.step_maps), max_steps)   # at most 3 + max_steps panels a row
+    fig, axs = plt.subplots(len(pick), T + 3, figsize=(0.85 * (T + 3), 0.95 * len(pick) + 0.4), squeeze=False)
     merged = result.region_maps()
     for r, k in enumerate(pick):
         i, c = kept[k].tolist()
-        axs[r, 0].imshow(images[i].permute(1, 2, 0).clamp(0, 1)); axs[r, 0].set_title(f"class {c + 1}", fontsize=7)
-        axs[r, 1].imshow(colorize_mask(masks[i])); axs[r, 1].set_title(f"{int((masks[i] == c + 1).sum())} px", fontsize=7)
-        axs[r, 2].imshow(1 - merged[i, c], cmap='magma', vmin=0, vmax=1); axs[r, 2].set_title(f"mined, T={int(result.steps[k])}", fontsize=7)
+        axs[r, 0].imshow(images[i].permute(1, 2, 0).clamp(0, 1)); axs[r, 0].set_title(f"class {c + 1}", fontsize=9)
+        axs[r, 1].imshow(colorize_mask(masks[i])); axs[r, 1].set_title(f"{int((masks[i] == c + 1).sum())} px", fontsize=9)
+        axs[r, 2].imshow(1 - merged[i, c], cmap='magma', vmin=0, vmax=1); axs[r, 2].set_title(f"T={int(result.steps[k])}", fontsize=9)
         stopped = False
-        for t, sm in enumerate(result.step_maps):
+        for t, sm in enumerate(result.step_maps[:T]):
             ax = axs[r, 3 + t]
             if stopped: ax.set_visible(False); continue
             ax.imshow(1 - sm['maps'][k].float() / 255, cmap='magma', vmin=0, vmax=1, alpha=1. if sm['stored'][k] else 0.35)
             stopped = not bool(sm['stored'][k])
-            ax.set_title(f"step {t + 1}" if not stopped else "stop", fontsize=7)
+            ax.set_title(f"step {t + 1}" if not stopped else "stop", fontsize=9)
     for a in axs.flat: a.axis('off')
-    fig.suptitle('region maps step by step (bright = mined); faded: not stored, the object stopped', fontsize=8)
+    fig.suptitle(f'region maps, the first {T} steps (bright = mined; faded: the object stopped)', fontsize=9)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=80); plt.close(fig)
     return fig
