@@ -361,6 +361,8 @@ def _textures(fam, ang, period, phase, level, field, S):
     blotches = lambda ang, period, phase, level, field: torch.tanh(4 * (field - e(level)))
     return _by_family(fam, _N_TEXTURES, [stripes, checker, smooth, blotches], ang, period, phase, level, field)
 
+
+# %% ../nbs/01_data.ipynb #233a213b
 def _part_pattern(pat, du, dv, period):
     "The part's two-colour pattern, weight in [0, 1] of its second colour: `pat` (n,) of `_N_PATTERNS`, coordinates (n, S, S) in px."
     k = lambda p: 2 * math.pi / p[:, None, None]
