@@ -28,7 +28,8 @@ from .mining import MiningConfig, MultiMiner
 from .baselines import normalized_cam
 from .pseudo import crf_refine
 from .segmentation import DeepLabLargeFOV, train_segmentation
-from .demo import DemoSettings, check_demo_args, make_synthetic, mine_all, all_pseudo_masks, train_saliency, saliency_maps
+from .pipeline import make_synthetic, feature_bank, run_methods, all_pseudo_masks, train_saliency, saliency_maps
+from .demo import DemoSettings, check_demo_args
 
 # %% ../nbs/13_bench.ipynb #6f642ae6
 def conv_flops(fn, *args, **kwargs) -> tuple:
@@ -92,8 +93,7 @@ def synthetic_setup(n_images, seed=0, device='cpu', data='scenes', S=None):
     S = S or bench_settings(seed, data=data)
     ds = make_synthetic(S.data, n_images, 4, S.classifier.input_size, seed)
     clf = build_classifier(S.classifier, ds.labels.shape[1]).to(device).eval()
-    bank = FeatureBank(freeze(clf.extractor), ds.images, S.mining.scales, device=device)
-    for s in bank.scales: bank[s]
+    bank = feature_bank(freeze(clf.extractor), ds.images, S.mining.scales, device=device)
     return S, ds, clf, bank
 
 def subset_bank(bank, n):
@@ -179,13 +179,12 @@ def stage_memory(data_path:str, n_images:int, seed:int=0, device='cpu', epochs:i
     stage('data', lambda: st.update(ds=_Loaded(data_path, slice(0, n_images)), sal=_Loaded(data_path, slice(n_images, 2 * n_images))))
     stage('classifier', lambda: st.update(clf=train_classifier(S.classifier, st['ds'], device=device, progress=False)))
     def features():
-        st['bank'] = FeatureBank(freeze(st['clf'].extractor), st['ds'].images, sorted(set(S.mining.scales) | {size}), device=device)
-        for s in st['bank'].scales: st['bank'][s]
+        st['bank'] = feature_bank(freeze(st['clf'].extractor), st['ds'].images, sorted(set(S.mining.scales) | {size}), device=device)
     stage('features', features)
     def saliency():
         st['saliency'] = saliency_maps(train_saliency(S.saliency, st['sal'], device=device), st['ds'].images, device=device)
     stage('saliency', saliency)
-    def mining(): st['strengths'], st['result'] = mine_all(S, st['clf'], st['bank'], st['ds'].labels, size, device, progress=False)
+    def mining(): st['strengths'], st['result'] = run_methods(S, st['clf'], st['bank'], st['ds'].labels, size, device, progress=False)
     stage('mining', mining)
     stage('pseudo_masks', lambda: st.update(pm=all_pseudo_masks(S, st['strengths'], st['result'], st['ds'].images,
                                                                 st['ds'].labels, st['saliency'], crf=True)))

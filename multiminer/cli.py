@@ -35,7 +35,8 @@ from .metrics import confusion_matrix, iou_per_class, miou
 from .pseudo import SALIENCY_BG, crf_refine, load_saliency, pseudo_masks
 from .segmentation import (SegConfig, build_segmentation_model, check_same_run, evaluate, iter_masks,
                                      load_segmentation_model, seg_optimizer, train_segmentation)
-from .demo import (DemoSettings, check_demo_args, make_synthetic, plot_miou_by_steps, run_demo,
+from .pipeline import make_synthetic
+from .demo import (DemoSettings, check_demo_args, plot_miou_by_steps, run_demo,
                              run_segmentation_by_steps, run_table2)
 from .bench import add_bench_args, bench_from_args
 

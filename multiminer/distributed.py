@@ -13,22 +13,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from .runtime import barrier, init_distributed, is_main, world_size
-from .data import SyntheticShapes
 from .models import VGG16Extractor, ParallelModulator, CategoryAwareGenerator
 from .classifier import ClassifierConfig, train_classifier, freeze
-from .features import FeatureBank
 from .mining import MiningConfig, MultiMiner
 from .segmentation import SegConfig, DeepLabLargeFOV, train_segmentation
+from .pipeline import make_synthetic, feature_bank
 
 # %% ../nbs/14_distributed.ipynb #9f8d072c
 def tiny_chain(out, n_images:int=48, image_size:int=48, seed:int=0, device='cpu') -> dict:
     "Classifier → features → 3 mining steps → segmentation on a tiny SyntheticShapes set, on however many ranks run it; rank 0 saves the results to `out/tiny_chain.pt`."
-    ds = SyntheticShapes(n_images, image_size=image_size, seed=seed)
+    ds = make_synthetic('shapes', n_images, 4, image_size, seed)
     clf = train_classifier(ClassifierConfig.synthetic(input_size=image_size, epochs=2, batch_size=16, seed=seed), ds,
                            device, progress=False)
     freeze(clf)
     cfg = MiningConfig.synthetic(image_size, max_steps=3, n_m=2, batch_sizes=(16, 16, 16), seed=seed)
-    bank = FeatureBank(clf.extractor, ds.images, cfg.scales, device=device)
+    bank = feature_bank(clf.extractor, ds.images, cfg.scales, device=device)
     res = MultiMiner(clf.modulator, cfg, device=device).run(bank, ds.labels, progress=False)
     seg = train_segmentation(SegConfig.synthetic(crop_size=image_size, epochs=2, batch_size=8, seed=seed), ds.images,
                              ds.masks, device, progress=False)

@@ -19,12 +19,12 @@ import ipywidgets as widgets
 from IPython.display import Image, display, clear_output
 from .data import colorize_mask
 from .classifier import ClassifierConfig, load_classifier, freeze
-from .features import FeatureBank
 from .mining import MiningConfig, MultiMiner, MiningResult, STOP_REASONS
 from .baselines import ErasingConfig, fixed_erasing, normalized_cam
 from .pseudo import pseudo_masks, crf_refine
 from .segmentation import SegConfig, load_segmentation_model
-from .demo import DemoSettings, METHODS, make_synthetic, prepare, saliency_maps, score_masks
+from .pipeline import make_synthetic, feature_bank, prepare_inputs, saliency_maps
+from .demo import DemoSettings, METHODS, score_masks
 
 # %% ../nbs/12_explorer.ipynb #476a2739
 METHOD_TITLES = dict(cam='CAM', fixed_erasing='fixed-step erasing', multiminer='multi-miner')
@@ -276,7 +276,7 @@ def load_demo(folder='runs/demo', device='cpu', progress=True) -> ExplorerData:
     if not torch.equal(miner.state.objects, (ds.labels > 0.5).nonzero()):
         raise ValueError(f"{folder}: the mining state's objects differ from the images regenerated from its metrics.json")
     result = miner.result(len(ds), cfg['n_classes'])
-    bank = FeatureBank(clf.extractor, ds.images, sorted(set(S.mining.scales) | {cfg['image_size']}), device=device)
+    bank = feature_bank(clf.extractor, ds.images, sorted(set(S.mining.scales) | {cfg['image_size']}), device=device)
     saliency = None
     if (folder/'saliency'/'model.pt').is_file():
         saliency = saliency_maps(load_segmentation_model(folder/'saliency'/'model.pt', device=device), ds.images, device=device)
@@ -305,7 +305,7 @@ def mine_small(n_images=100, n_classes=4, image_size=64, seed=0, device='cpu', s
     S = settings or quick_settings(n_classes, image_size, seed)
     t0, secs = time.time(), {}
     with tempfile.TemporaryDirectory() as tmp:
-        P = prepare(S, Path(out or tmp), seed, n_images, n_classes, image_size, device=device, progress=progress, secs=secs)
+        P = prepare_inputs(S, Path(out or tmp), seed, n_images, n_classes, image_size, device=device, progress=progress, secs=secs)
     ds, t1 = P['ds'], time.time()
     result = MultiMiner(P['clf'].modulator, S.mining, device=device).run(P['bank'], ds.labels, progress=progress)
     secs['mining'], t1 = round(time.time() - t1, 2), time.time()

@@ -171,7 +171,8 @@ def test_synthetic_data_is_the_demos(tmp_path):
     from dataclasses import asdict, replace
     from multiminer.cli import _synthetic
     from multiminer.data import SyntheticScenes, SyntheticShapes
-    from multiminer.demo import DemoSettings, make_synthetic
+    from multiminer.demo import DemoSettings
+    from multiminer.pipeline import make_synthetic
     for data, cls, stride in (('synthetic', SyntheticScenes, 4), ('shapes', SyntheticShapes, 8)):
         c, m = tmp_path/f'c_{data}', tmp_path/f'm_{data}'
         syn = ['--data', data, '--n-images', 16, '--image-size', 32, '--quiet']
