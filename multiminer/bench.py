@@ -184,7 +184,8 @@ def stage_memory(data_path:str, n_images:int, seed:int=0, device='cpu', epochs:i
     def saliency():
         st['saliency'] = saliency_maps(train_saliency(S.saliency, st['sal'], device=device), st['ds'].images, device=device)
     stage('saliency', saliency)
-    def mining(): st['strengths'], st['result'] = run_methods(S, st['clf'], st['bank'], st['ds'].labels, size, device, progress=False)
+    def mining(): st['strengths'], st['result'] = run_methods(S, st['clf'], st['bank'], st['ds'].labels, size, device, progress=False,
+                                                                saliency=st['saliency'])
     stage('mining', mining)
     stage('pseudo_masks', lambda: st.update(pm=all_pseudo_masks(S, st['strengths'], st['result'], st['ds'].images,
                                                                 st['ds'].labels, st['saliency'], crf=True)))
@@ -198,7 +199,8 @@ def stage_memory(data_path:str, n_images:int, seed:int=0, device='cpu', epochs:i
         added = {}   # the mining stage above has already set up every kernel and allocator mining uses
         for k in (steps_test, 2 * steps_test):
             gc.collect(); reset_peak_rss(); base = rss_bytes('VmRSS')
-            res = MultiMiner(st['clf'].modulator, dataclasses.replace(cfg, max_steps=k), device=device).run(bank, st['ds'].labels, progress=False)
+            res = MultiMiner(st['clf'].modulator, dataclasses.replace(cfg, max_steps=k), device=device).run(bank, st['ds'].labels, progress=False,
+                                                                                                                  saliency=st['saliency'])
             added[k] = dict(added_bytes=rss_bytes('VmHWM') - base, steps_run=len(res.history))
             del res
         out['steps'] = {str(k): v for k, v in added.items()}

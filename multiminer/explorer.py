@@ -307,7 +307,8 @@ def mine_small(n_images=100, n_classes=4, image_size=64, seed=0, device='cpu', s
     with tempfile.TemporaryDirectory() as tmp:
         P = prepare_inputs(S, Path(out or tmp), seed, n_images, n_classes, image_size, device=device, progress=progress, secs=secs)
     ds, t1 = P['ds'], time.time()
-    result = MultiMiner(P['clf'].modulator, S.mining, device=device).run(P['bank'], ds.labels, progress=progress)
+    result = MultiMiner(P['clf'].modulator, S.mining, device=device).run(P['bank'], ds.labels, progress=progress,
+                                                                  saliency=P['saliency'])
     secs['mining'], t1 = round(time.time() - t1, 2), time.time()
     data = explorer_data(S, ds.images, ds.masks, ds.labels, P['clf'], P['bank'], result, P['saliency'], device, source='mined here')
     secs['cam_and_erasing'] = round(time.time() - t1, 2)

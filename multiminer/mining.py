@@ -19,7 +19,7 @@ from .models import CategoryAwareGenerator
 from .runtime import all_sum, atomic_save, broadcast_, ddp, global_mean, is_main, shard, world_size
 
 # %% ../nbs/05_mining.ipynb #08b93c1b
-STOP_REASONS = ('mining', 'not_recognised', 'nothing_mined', 'cap')   # why an object's sub-process ended
+STOP_REASONS = ('mining', 'not_recognised', 'nothing_mined', 'cap', 'not_salient')   # why an object's sub-process ended
 
 @dataclass
 class MiningConfig:
@@ -40,6 +40,10 @@ class MiningConfig:
     judge: str = 'self'                  # who judges p(j | F^t): 'self' (the modulator just trained) | 'cross' (one that never trained on the image)
     judge_input: str = 'hard'            # 'hard': F ⊙ 1[min M >= region_threshold] | 'soft': F^t of Eq. 1
     min_region: float = 0.0              # area test: new mined area >= this x area mined so far (0: off)
+    mask_input: str = 'soft'             # what F^t hides (Eq. 1): 'soft' F ⊙ min M, the paper | 'hard' F ⊙ 1[min M >= region_threshold]
+    generator_init: str = 'once'         # θ_g copies the modulator: 'once', before step 1 | 'each_step', the modulator just updated
+    stop_test: str = 'modulator'         # Alg. 1 line 12: 'modulator', p(j | F^t) >= stop_threshold | 'saliency', see min_saliency
+    min_saliency: float = 0.4            # stop_test='saliency': the new mined region's mean saliency must reach this
     adversary: str = 'object'            # 'object': M~_j masks F^t for j's own classifier; 'joint': Eq. 4's min over all j
     half_features: bool = False          # store features in float16
     keep_step_maps: int = 0              # keep the per-step maps of the first n images (-1: all) for figures
@@ -54,32 +58,38 @@ class MiningConfig:
         for name, lo in (('max_steps', 1), ('n_m', 0), ('n_g', 0)):
             if int(getattr(self, name)) < lo: raise ValueError(f"MiningConfig: {name} must be an int >= {lo}, got {getattr(self, name)}")
         if min(self.batch_sizes) < 1: raise ValueError(f"MiningConfig: batch sizes must be positive, got {self.batch_sizes}")
-        for name in ('region_threshold', 'stop_threshold'):
+        for name in ('region_threshold', 'stop_threshold', 'min_saliency'):
             v = getattr(self, name)
             if not 0 <= v <= 1: raise ValueError(f"MiningConfig: {name} must be in [0, 1], got {v}")
         if self.min_region < 0: raise ValueError(f"MiningConfig: min_region must be >= 0, got {self.min_region}")
         if self.lam < 0: raise ValueError(f"MiningConfig: lam must be >= 0, got {self.lam}")
         for name, ok in (('optimizer', ('sgd', 'adam')), ('adversary', ('object', 'joint')), ('judge', ('cross', 'self')),
-                         ('judge_input', ('hard', 'soft'))):
+                         ('judge_input', ('hard', 'soft')), ('mask_input', ('soft', 'hard')),
+                         ('generator_init', ('once', 'each_step')), ('stop_test', ('modulator', 'saliency'))):
             if getattr(self, name) not in ok: raise ValueError(f"MiningConfig: {name} must be one of {ok}, got {getattr(self, name)!r}")
 
-    @classmethod
-    def voc(cls, **kw):
-        "The paper's VOC setting: 256²/321²/417² with batch 256/128/64, n_m=15, n_g=1, lr 1e-3, wd 1e-4."
-        return cls(**{**dict(scales=(256, 321, 417), batch_sizes=(256, 128, 64), n_m=15, n_g=1, lr=1e-3,
-                             weight_decay=1e-4, optimizer='sgd', half_features=True), **kw})
 
-    @classmethod
-    def synthetic(cls, image_size=96, **kw):
-        "CPU preset for the synthetic sets: the VOC scale schedule shrunk in proportion to `image_size`."
-        scales = tuple(8 * max(1, round(image_size * s / 321 / 8)) for s in (256, 321, 417))
-        return cls(**{**dict(scales=scales, batch_sizes=(64,) * len(scales), max_steps=10, n_m=3, n_g=1, lr=1e-3,
-                             weight_decay=1e-4, optimizer='adam'), **kw})
+# %% ../nbs/05_mining.ipynb #455d5b80
+@patch(cls_method=True)
+def voc(cls:MiningConfig, **kw):
+    "The paper's VOC setting: 256²/321²/417² with batch 256/128/64, n_m=15, n_g=1, lr 1e-3, wd 1e-4."
+    return cls(**{**dict(scales=(256, 321, 417), batch_sizes=(256, 128, 64), n_m=15, n_g=1, lr=1e-3,
+                         weight_decay=1e-4, optimizer='sgd', half_features=True), **kw})
 
-    def scale(self, t):
-        "r_t: Eq. 8 for a schedule, the one scale for a fixed-scale run."
-        return self.scales[0] if len(self.scales) == 1 else input_scale(t, self.scales)
-    def batch_size(self, t): return self.batch_sizes[min(t, len(self.scales)) - 1]
+@patch(cls_method=True)
+def synthetic(cls:MiningConfig, image_size=96, **kw):
+    "CPU preset for the synthetic sets: the VOC scale schedule shrunk in proportion to `image_size`."
+    scales = tuple(8 * max(1, round(image_size * s / 321 / 8)) for s in (256, 321, 417))
+    return cls(**{**dict(scales=scales, batch_sizes=(64,) * len(scales), max_steps=10, n_m=3, n_g=1, lr=1e-3,
+                         weight_decay=1e-4, optimizer='adam'), **kw})
+
+@patch
+def scale(self:MiningConfig, t):
+    "r_t: Eq. 8 for a schedule, the one scale for a fixed-scale run."
+    return self.scales[0] if len(self.scales) == 1 else input_scale(t, self.scales)
+@patch
+def batch_size(self:MiningConfig, t): return self.batch_sizes[min(t, len(self.scales)) - 1]
+
 
 # %% ../nbs/05_mining.ipynb #f935d2c8
 def object_index(labels:torch.Tensor) -> torch.Tensor:
@@ -153,7 +163,7 @@ class MultiMiner:
         self.opt_ms = [self._optimizer(m.parameters()) for m in self.modulators]
         self.opt_g = self._optimizer(self.generator.parameters())
         self.rng = torch.Generator().manual_seed(cfg.seed)
-        self.state = None
+        self.state, self.saliency = None, None   # saliency: (N, H, W) in [0, 1], given to `run` for stop_test='saliency'
 
     @property
     def modulator(self): return self.modulators[0]
@@ -206,6 +216,8 @@ def generator_step_loss(self:MultiMiner, Ft, y, modulator=None, generator=None):
 @patch
 def train_generator(self:MultiMiner, feats, masks, labels, bs):
     "Stage 2 (Alg. 1, lines 7–10): θ_m frozen (it only guides), minimise L_g (Eq. 6) for n_g epochs on the images that still have an object being mined; each batch plays against its half's modulator."
+    if self.cfg.generator_init == 'each_step':   # θ_g starts from the modulator just updated, with a fresh optimiser
+        self.generator.load_state_dict(self.modulators[0].state_dict()); self.opt_g = self._optimizer(self.generator.parameters())
     for m in self.modulators: m.eval(); m.requires_grad_(False)
     self.generator.train(); self.generator.requires_grad_(True)
     net = ddp(self.generator)
@@ -267,12 +279,15 @@ def generate(self:MultiMiner, feats, masks, objects, bs):
 def stop_decisions(probs:torch.Tensor,        # (n,) the judge's p(j | F^t) of each active object
                    new_area:torch.Tensor,     # (n,) positions M_j^t mines that the pool had not mined yet
                    mined_area:torch.Tensor,   # (n,) positions the object's pool has mined so far
-                   t:int, stop_threshold:float, min_region:float) -> torch.Tensor:   # (n,) index into STOP_REASONS
-    "Alg. 1, line 12 — does M_j^t contain object regions? 0: yes, store it; 1: j is no longer recognised; 2: the map mines (almost) nothing new."
+                   t:int, stop_threshold:float, min_region:float,
+                   salient:torch.Tensor=None, # (n,) mean saliency of the new mined region: given, it replaces the modulator's check
+                   min_saliency:float=0.4) -> torch.Tensor:   # (n,) index into STOP_REASONS
+    "Alg. 1, line 12 — does M_j^t contain object regions? 0: yes, store it; 1: j is no longer recognised; 2: the map mines (almost) nothing new; 4: what it mines is not salient."
     reason = torch.zeros(len(probs), dtype=torch.long)
     if t == 1: return reason                          # the label says the object is there and nothing is mined yet
     if min_region > 0: reason[new_area < min_region * mined_area.clamp(min=1)] = 2
-    reason[probs < stop_threshold] = 1                 # the modulator's check comes first
+    if salient is None: reason[probs < stop_threshold] = 1    # the paper's check: the modulator no longer recognises j
+    else: reason[salient < min_saliency] = 4                  # the new region lies on background
     return reason
 
 # %% ../nbs/05_mining.ipynb #bff9146c
@@ -284,6 +299,7 @@ def step(self:MultiMiner, bank, labels, progress=False):
     feats = bank[r]
     pool_r = st.pools[c.scales.index(r)]
     masks = image_masks(pool_r, st.objects, len(labels))                   # Eq. 1
+    if c.mask_input == 'hard': masks = (masks >= c.region_threshold).to(masks.dtype)   # mined positions removed
     m_loss = self.train_modulator(feats, masks, labels, bs)
     g = self.train_generator(feats, masks, labels, bs)
     act, keep = st.active.nonzero()[:, 0], self._kept_objects()
@@ -291,7 +307,13 @@ def step(self:MultiMiner, bank, labels, progress=False):
     maps, probs = self.generate(feats, masks, st.objects[which], max(bs, 64))   # M_j^t, p(j | F^t)
     before = pool_r[which] < c.region_threshold                            # mined so far, at this resolution
     new_area = ((maps < c.region_threshold) & ~before).flatten(1).sum(1).float()
-    reason = stop_decisions(probs, new_area, before.flatten(1).sum(1).float(), t, c.stop_threshold, c.min_region)
+    salient = None
+    if c.stop_test == 'saliency':                                          # mean saliency of each new region
+        new = ((maps < c.region_threshold) & ~before).float()
+        sal = _resize_maps(self.saliency, pool_r.shape[-2:])[st.objects[which, 0]]
+        salient = (new * sal).flatten(1).sum(1) / new.flatten(1).sum(1).clamp(min=1)
+    reason = stop_decisions(probs, new_area, before.flatten(1).sum(1).float(), t, c.stop_threshold, c.min_region,
+                            salient, c.min_saliency)
     broadcast_(reason)                                     # every rank takes rank 0's decisions (a no-op in one process)
     is_active = st.active[which]
     store = is_active & (reason == 0)
@@ -311,14 +333,14 @@ def step(self:MultiMiner, bank, labels, progress=False):
     n_reason = lambda k: int(((reason == k) & is_active).sum())
     rec = dict(step=t, scale=r, modulator_loss=m_loss, generator_loss=g['loss'], cls=g['cls'], reg=g['reg'],
                active_before=int(len(act)), stored=int(len(stored)), stopped=int(len(stopped)),
-               not_recognised=n_reason(1), nothing_mined=n_reason(2),
+               not_recognised=n_reason(1), nothing_mined=n_reason(2), not_salient=n_reason(4),
                mean_prob_active=float(probs[is_active].mean()) if is_active.any() else float('nan'),
                seconds=time.time() - t0)
     st.history.append(rec)
     if progress and is_main():
         print(f"step {t} @{r}px: modulator loss {m_loss:.3f} | generator L_g {g['loss']:.3f} (L_cls {g['cls']:.3f}, "
               f"L_reg {g['reg']:.3f}) | stored {len(stored)}/{len(act)} active objects, stopped {rec['not_recognised']} "
-              f"not recognised + {rec['nothing_mined']} nothing mined | {rec['seconds']:.1f}s", flush=True)
+              f"not recognised + {rec['nothing_mined']} nothing mined + {rec['not_salient']} not salient | {rec['seconds']:.1f}s", flush=True)
     return rec
 
 @patch
@@ -340,12 +362,18 @@ def init_state(self:MultiMiner, bank, labels):
                        stop_reason=torch.zeros(len(objects), dtype=torch.long))
 
 @patch
-def run(self:MultiMiner, bank, labels, out_dir=None, resume:bool=False, progress:bool=True, callback=None):
-    "Mine until every object has stopped or `max_steps`; save the state after each step; return a `MiningResult`."
+def run(self:MultiMiner, bank, labels, out_dir=None, resume:bool=False, progress:bool=True, callback=None, saliency=None):
+    "Mine until every object has stopped or `max_steps`; save the state after each step; return a `MiningResult`. `saliency` (N, H, W) in [0, 1]: needed by stop_test='saliency'."
     labels = torch.as_tensor(labels, dtype=torch.float32)
     if labels.ndim != 2: raise ValueError(f"MultiMiner.run: labels must be (N, C), got shape {tuple(labels.shape)}")
     n = len(bank[self.cfg.scales[0]])
     if n != len(labels): raise ValueError(f"MultiMiner.run: features of {n} images but labels of {len(labels)}")
+    if self.cfg.stop_test == 'saliency':
+        sal = None if saliency is None else torch.as_tensor(saliency, dtype=torch.float32)
+        if sal is None or sal.ndim != 3 or len(sal) != n:
+            raise ValueError(f"MultiMiner.run: stop_test='saliency' needs saliency maps (N={n}, H, W) in [0, 1], got "
+                             f"{None if sal is None else tuple(sal.shape)}")
+        self.saliency = sal
     ckpt = None if out_dir is None else Path(out_dir)/'mining_state.pt'
     if resume and ckpt is not None and ckpt.exists():
         self.load(ckpt)
@@ -361,6 +389,8 @@ def run(self:MultiMiner, bank, labels, out_dir=None, resume:bool=False, progress
         print(f"mining finished after {self.state.t} steps; objects per number of steps: {hist}; why they stopped: {res.stop_reasons()}")
     return res
 
+
+# %% ../nbs/05_mining.ipynb #96182f66
 @patch
 def save(self:MultiMiner, path):
     "Write the whole mining state (pools, per-object status, networks, optimisers, RNG) atomically, as tensors and plain containers only."
@@ -427,6 +457,6 @@ class MiningResult:
         return 1 - self.region_threshold
 
     def stop_reasons(self) -> dict:
-        "Objects per reason their sub-process ended: {not_recognised, nothing_mined, cap}."
+        "Objects per reason their sub-process ended: {not_recognised, nothing_mined, cap, not_salient}."
         r = self.stop_reason if self.stop_reason is not None else torch.zeros(len(self.objects), dtype=torch.long)
         return {name: int((r == k).sum()) for k, name in enumerate(STOP_REASONS) if k > 0}

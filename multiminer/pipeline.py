@@ -89,13 +89,15 @@ def run_erasing(S, clf, bank, labels, device='cpu', progress=True):
     return fixed_erasing(clf.modulator, bank, labels, cfg, device=device, progress=progress, keep_steps=True)
 
 # %% ../nbs/08a_pipeline.ipynb #0484984f
-def run_methods(S, clf, bank, labels, image_size, device, out=None, resume=False, progress=True, callback=None, runs:dict=None):
+def run_methods(S, clf, bank, labels, image_size, device, out=None, resume=False, progress=True, callback=None, runs:dict=None,
+                saliency=None):
     "CAM seeds, fixed-step erasing (K steps) and the multi-miner on one feature bank: their strengths and the mining result; given a dict `runs`, erasing runs `erasing_max_steps` and `runs['erasing']` receives the run."
     cam = normalized_cam(clf.modulator, bank[image_size], device=device)
     if runs is None: erasing = fixed_erasing(clf.modulator, bank, labels, S.erasing, device=device, progress=progress)
     else: erasing = runs['erasing'] = run_erasing(S, clf, bank, labels, device, progress)
     result = MultiMiner(clf.modulator, S.mining, device=device).run(
-        bank, labels, out_dir=None if out is None else out/'mining', resume=resume, progress=progress, callback=callback)
+        bank, labels, out_dir=None if out is None else out/'mining', resume=resume, progress=progress, callback=callback,
+        saliency=saliency)
     return dict(cam=cam, fixed_erasing=erasing.strength_after(S.erasing.steps), multiminer=result.strength()), result
 
 # %% ../nbs/08a_pipeline.ipynb #7f16284c
