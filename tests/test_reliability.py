@@ -229,14 +229,14 @@ def test_voc_data_under_another_root(voc_clf, tmp_path):
 
 
 def _fail_at(n):
-    "A stand-in for cli._pseudo_one that fails on its n-th image."
-    from multiminer import cli
-    calls, real = [], cli._pseudo_one
+    "A stand-in for pipeline.image_pseudo_mask (what `pseudo-labels` runs on each image) that fails on its n-th image."
+    from multiminer import pipeline
+    calls, real = [], pipeline.image_pseudo_mask
     def pseudo_one(*a):
         calls.append(1)
         if len(calls) == n: raise RuntimeError(f'image {n} failed')
         return real(*a)
-    return mock.patch.object(cli, '_pseudo_one', pseudo_one)
+    return mock.patch.object(pipeline, 'image_pseudo_mask', pseudo_one)
 
 
 def test_pseudo_labels_failing_part_way(voc_clf, tmp_path):
