@@ -8,15 +8,15 @@ __all__ = ['SEG_MODELS', 'SYNTHETIC_DEFAULTS', 'MULTI_SCALES', 'DISTRIBUTED', 'b
            'cmd_train_seg', 'cmd_evaluate', 'main']
 
 # %% ../nbs/11_cli.ipynb #3314d257
-import argparse, os, re, sys, time, types
+import argparse, contextlib, os, re, sys, time, types
 from dataclasses import asdict, replace
 from pathlib import Path
 import torch
 from . import __version__
-from .runtime import (DATA_KINDS, NEW_OUTS, PRESETS, SEED_MAX, UserError, absolute_path, atomic_path,
-                                check_resume, check_same_data, data_fingerprint, file_sha256, init_distributed, is_main,
-                                launched, output_sha256, prepare_out, read_run, require_upstream, say, take_back,
-                                tree_sha256, write_json, write_run)
+from .runtime import (DATA_KINDS, NEW_OUTS, PRESETS, SEED_MAX, UserError, absolute_path, atomic_path, check_device,
+                                check_resume, check_same_data, data_fingerprint, file_sha256, init_distributed,
+                                interrupted_message, is_main, launched, os_error_message, out_lock, output_sha256,
+                                prepare_out, read_run, require_upstream, say, take_back, tree_sha256, write_json, write_run)
 from .data import VOCTestImages, PseudoMaskDataset, VOC_CLASSES, image_file_size, voc_transforms
 from .classifier import CHECKPOINT_NAME, ClassifierConfig, freeze, load_classifier, train_classifier
 from .mining import MiningConfig, MultiMiner
@@ -24,13 +24,13 @@ from .baselines import ErasingConfig, fixed_erasing
 from .metrics import iou_per_class, miou
 from .pseudo import check_saliency_folder
 from .segmentation import SegConfig, evaluate, load_segmentation_model, train_segmentation
-from .pipeline import (N_VAL_SYNTHETIC, synthetic_name, check_synthetic_memory, synthetic_split, voc_split,
-                                 stage_dataset, image_ids, check_fig6_flags, erasing_result, need_file, load_stage_file, reading_stage_file, check_finite, try_resume,
-                                 save_mining_result, load_mining_result, cached_feature_bank, write_pseudo_masks,
-                                 snapshot_result, snapshot_hashes, check_snapshot_steps, classifier_restore,
-                                 segmentation_restore, mining_inputs, mining_bar, by_steps_callback, image_and_mask,
-                                 pseudo_mask_jobs, load_pseudo_masks, VOC_TEST_RESULTS, write_test_predictions,
-                                 write_evaluation)
+from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cached_feature_bank, check_finite,
+                                 check_fig6_flags, check_snapshot_steps, check_synthetic_memory, classifier_restore,
+                                 erasing_result, image_and_mask, image_ids, load_mining_result, load_pseudo_masks,
+                                 load_stage_file, mining_bar, mining_inputs, need_file, pseudo_mask_jobs, reading_stage_file,
+                                 save_mining_result, segmentation_restore, snapshot_hashes, snapshot_result, stage_dataset,
+                                 synthetic_name, synthetic_split, try_resume, voc_split, write_evaluation, write_pseudo_masks,
+                                 write_test_predictions)
 from .demo import (DemoSettings, check_demo_args, plot_miou_by_steps, run_demo,
                              run_segmentation_by_steps, run_table2)
 from .bench import add_bench_args, bench_from_args
@@ -62,11 +62,6 @@ def _fraction(s):
 def _device(s):
     if s == 'cpu' or re.fullmatch(r'cuda(:\d+)?', s): return s
     raise argparse.ArgumentTypeError(f"must be 'cpu' or 'cuda' (or 'cuda:i'), got {s!r}")
-
-# %% ../nbs/11_cli.ipynb #0346423e
-def _check_device(device):
-    if device.startswith('cuda'):
-        if not torch.cuda.is_available(): raise UserError(f"--device {device}: CUDA is not available on this machine")
 
 # %% ../nbs/11_cli.ipynb #2eb7ddcf
 def _parents():
@@ -328,14 +323,12 @@ def cmd_fig6(args, argv=()):
 
 # %% ../nbs/11_cli.ipynb #3c3b7572
 def _plural(n, word): return f"{n} {word}{'' if n == 1 else 's'}"
-
-# %% ../nbs/11_cli.ipynb #d09648c8
 def _over(**kw): return {k: v for k, v in kw.items() if v is not None}
 
 # %% ../nbs/11_cli.ipynb #6d0e77de
 def cmd_train_classifier(args, argv=()):
     "`multiminer train-classifier`: stage 0 (classifier.train_classifier)."
-    _check_device(args.device)
+    check_device(args.device)
     out = Path(args.out)
     state = prepare_out(out, 'train-classifier', args.resume, args.force)
     spec, preset, seed, input_size = resolve_data(args)
@@ -367,7 +360,7 @@ def cmd_train_classifier(args, argv=()):
 # %% ../nbs/11_cli.ipynb #00b1eb5c
 def _on_classifier(args, stage, config, resume=False):
     "What `mine` and `erase` check before any work: the --classifier folder, --out, the data, the input size; then the data set and its run record."
-    _check_device(args.device)
+    check_device(args.device)
     clf_dir = need_file(args.classifier, CHECKPOINT_NAME, 'train-classifier')
     up, hashes = require_upstream(clf_dir, 'train-classifier', '--classifier')
     out = Path(args.out)
@@ -541,7 +534,7 @@ def _write_miou_by_steps(out, result, summary):
 # %% ../nbs/11_cli.ipynb #2d46057e
 def cmd_train_seg(args, argv=()):
     "`multiminer train-seg`: segmentation.train_segmentation on the images and their pseudo masks."
-    _check_device(args.device)
+    check_device(args.device)
     pseudo = Path(args.pseudo)
     up, hashes = require_upstream(pseudo, 'pseudo-labels', '--pseudo')
     out = Path(args.out)
@@ -600,7 +593,7 @@ def _eval_data(args, spec):
 # %% ../nbs/11_cli.ipynb #a6a71b37
 def cmd_evaluate(args, argv=()):
     "`multiminer evaluate`: segmentation.evaluate of a trained network; prints and writes the mIoU."
-    _check_device(args.device)
+    check_device(args.device)
     seg = Path(args.seg)
     if not (seg/'model.pt').is_file():
         raise UserError(f"{seg} has no model.pt: expected a folder written by `multiminer train-seg --out {seg}`")
@@ -655,7 +648,7 @@ def _join_ranks(args):
     if args.command not in DISTRIBUTED:
         raise UserError(f"`multiminer {args.command}` runs in one process: start it without torchrun (the stages that train on "
                        f"several processes are {', '.join(DISTRIBUTED)})")
-    _check_device(args.device)
+    check_device(args.device)
     args.device = str(init_distributed(args.device))
     if not is_main(): args.quiet = True; sys.stdout = open(os.devnull, 'w')
 
@@ -679,15 +672,21 @@ def _message(e):
 
 # %% ../nbs/11_cli.ipynb #76d1fcb5
 def main(argv=None):
-    "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2."
+    "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2 (130 on Ctrl-C)."
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     NEW_OUTS.clear()
     try:
         if launched(): _join_ranks(args)
-        _HANDLERS[args.command](args, argv)
+        locked = getattr(args, 'out', None) is not None and is_main()
+        with out_lock(args.out, args.command) if locked else contextlib.nullcontext():
+            _HANDLERS[args.command](args, argv)
     except BaseException as e:
         take_back()
+        if isinstance(e, KeyboardInterrupt):
+            print(f"multiminer {args.command}: {interrupted_message(args.command, getattr(args, 'out', None))}", file=sys.stderr); raise SystemExit(130)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            print(f"multiminer {args.command}: error: {os_error_message(e)}", file=sys.stderr); raise SystemExit(2)
         if not isinstance(e, Exception) or not _user_error(e): raise
         print(f"multiminer {args.command}: error: {_message(e)}", file=sys.stderr)
         raise SystemExit(2)

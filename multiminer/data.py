@@ -6,11 +6,11 @@
 __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'VOC_PALETTE', 'VOC_URL', 'SBD_URL', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'labels_from_mask', 'colorize_mask', 'SyntheticShapes', 'SyntheticScenes', 'cam_coverage',
            'coverage_by_size', 'resolve_roots', 'read_image_file', 'read_mask_file', 'image_file_size', 'VOCSegDataset',
-           'read_split_list', 'voc_dataset', 'voc_transforms', 'make_voc_fixture', 'synthetic_bytes', 'voc_image',
-           'VOCImages', 'save_mask_png', 'PseudoMaskDataset', 'VOCTestImages']
+           'split_text', 'read_split_list', 'voc_dataset', 'voc_transforms', 'make_voc_fixture', 'synthetic_bytes',
+           'voc_image', 'VOCImages', 'save_mask_png', 'PseudoMaskDataset', 'VOCTestImages']
 
 # %% ../nbs/01_data.ipynb #0c453a49
-import math, numbers, os, time
+import codecs, math, numbers, os, time
 from pathlib import Path
 from typing import Optional
 
@@ -1033,13 +1033,28 @@ class VOCSegDataset(Dataset):
 
     def __repr__(self): return f"{type(self).__name__}(split={self.split!r}, {len(self)} images)"
 
-# %% ../nbs/01_data.ipynb #3414aca6
+# %% ../nbs/01_data.ipynb #a6a301d6
+def split_text(path) -> str:
+    "The text of a split file: UTF-8, a byte-order mark at its start dropped; another encoding is a `ValueError` naming the file and line."
+    try: raw = Path(path).read_bytes()
+    except OSError as e: raise ValueError(f"cannot read the split list {path} ({e})") from None
+    for bom, enc in ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'), (codecs.BOM_UTF16_LE, 'UTF-16'),
+                     (codecs.BOM_UTF16_BE, 'UTF-16')):
+        if raw.startswith(bom): raise ValueError(f"{path}, line 1: the file is {enc} text; save it as UTF-8, one image id a line")
+    if raw.startswith(codecs.BOM_UTF8): raw = raw[len(codecs.BOM_UTF8):]
+    bad = raw.find(b'\0')
+    try:
+        if bad >= 0: raise UnicodeDecodeError('utf-8', raw, bad, bad + 1, 'NUL byte')
+        return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise ValueError(f"{path}, line {line}: byte 0x{raw[e.start]:02x} is not UTF-8 text: "
+                         f"the file is in another encoding; save it as UTF-8, one image id a line") from None
+
 def read_split_list(path) -> list:
-    "The image ids of a split file, one per line; spaces around an id, Windows line ends and blank lines are allowed, a repeated id or one with a folder in it is a `ValueError` naming the file and line."
-    try: text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e: raise ValueError(f"cannot read the split list {path} ({e})") from None
+    "The image ids of a split file, one per line; spaces around an id, Windows line ends, blank lines and a UTF-8 byte-order mark are allowed, a repeated id or one with a folder in it is a `ValueError` naming the file and line."
     ids, line_of = [], {}
-    for k, line in enumerate(text.splitlines(), 1):
+    for k, line in enumerate(split_text(path).splitlines(), 1):
         n = line.strip()
         if not n: continue
         if n in line_of:
@@ -1051,6 +1066,7 @@ def read_split_list(path) -> list:
         line_of[n] = k; ids.append(n)
     return ids
 
+# %% ../nbs/01_data.ipynb #3414aca6
 def _check_listed_files(split, lists, names, *paths):
     "Every listed image and mask exists, all counted now (not found one at a time, part-way through a stage)."
     if not names:
@@ -1220,7 +1236,7 @@ class VOCTestImages(Dataset):
             raise UserError(f"--split test: {lst} not found. Unpack the VOC 2012 test images (VOC2012test.tar, from the "
                            f"evaluation server) into the same VOCdevkit/VOC2012/: JPEGImages/<id>.jpg and "
                            f"ImageSets/Segmentation/test.txt")
-        self.names = [l.strip() for l in lst.read_text().splitlines() if l.strip()]
+        self.names = read_split_list(lst)
         self.image_paths = [voc/'JPEGImages'/f"{n}.jpg" for n in self.names]
         missing = [p for p in self.image_paths if not p.is_file()]
         if missing: raise UserError(f"{len(missing)} of {len(self.names)} test images listed in {lst} are missing, first: {missing[0]}")

@@ -8,12 +8,13 @@ __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'FI
            'broadcast_', 'global_mean', 'ShardedBatchSampler', 'ddp', 'unwrap', 'GlobalBatchNorm2d', 'GlobalDropout2d',
            'global_batch_layers', 'gather_rows', 'progress_bar', 'say', 'ordered_map', 'atomic_path', 'atomic_save',
            'rng_state', 'set_rng_state', 'kept_rng', 'file_sha256', 'tree_sha256', 'tensors_sha256', 'save_checkpoint',
-           'resume_from', 'UserError', 'read_run', 'write_json', 'write_run', 'absolute_path', 'output_sha256',
-           'data_fingerprint', 'show_value', 'differences', 'take_back', 'require_upstream', 'check_same_data',
-           'prepare_out', 'check_resume', 'available_memory']
+           'resume_from', 'UserError', 'check_device', 'read_run', 'write_json', 'write_run', 'absolute_path',
+           'lock_path', 'out_lock', 'output_sha256', 'data_fingerprint', 'show_value', 'differences', 'take_back',
+           'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'interrupted_message',
+           'os_error_message', 'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
-import collections, contextlib, hashlib, json, math, multiprocessing, os, random, re, shutil, sys, time
+import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, socket, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -195,15 +196,23 @@ def ordered_map(fn, jobs, workers:int=0):
 # %% ../nbs/00a_runtime.ipynb #c58d62dc
 @contextlib.contextmanager
 def atomic_path(path, suffix:str='.tmp', rename:bool=True):
-    "Yield a temporary path beside `path` (its name + `suffix`) to write a file or a folder to; once the block completes, rename it to `path` (with `rename` false, e.g. on the ranks that are not the main one, only yield it). A block that raises leaves `path` as it was."
+    "Yield a temporary path beside `path` (its name + `suffix`) to write a file or a folder to; once the block completes, rename it to `path` (with `rename` false, e.g. on the ranks that are not the main one, only yield it). A block that raises leaves `path` as it was, and no temporary file (a temporary folder stays: it holds what a retry may reuse)."
     path = Path(path)
     tmp = path.with_name(path.name + suffix)
-    yield tmp
+    try: yield tmp
+    except BaseException:
+        if tmp.is_file() or tmp.is_symlink(): tmp.unlink()
+        raise
     if rename: os.replace(tmp, path)
 
 def atomic_save(obj, path):
-    "`torch.save(obj, path)` through `atomic_path`."
-    with atomic_path(path) as tmp: torch.save(obj, tmp)
+    "`torch.save(obj, path)` through `atomic_path`; a write that fails (a full disk) is an `OSError` naming `path`."
+    with atomic_path(path) as tmp:
+        try: torch.save(obj, tmp)
+        except RuntimeError as e:     # torch's writer reports a failed write (ENOSPC, EIO) as a RuntimeError
+            if 'write' not in str(e).lower(): raise
+            raise OSError(errno.EIO, f"the file could not be written ({' '.join(str(e).split())[:160]}); is the disk full?",
+                          str(path)) from None
 
 # %% ../nbs/00a_runtime.ipynb #66c1b4fa
 def rng_state() -> dict:
@@ -282,6 +291,12 @@ PRESETS = ('voc', 'synthetic')
 DATA_KINDS = ('voc', 'synthetic', 'shapes')   # synthetic: SyntheticScenes, the demo's benchmark; shapes: SyntheticShapes
 SEED_MAX = 2**32 - 1           # seeds are mixed into other integers (seed * 100003 + epoch, ...): keep them small
 
+# %% ../nbs/00a_runtime.ipynb #a1fb303c
+def check_device(device:str):
+    "Refuse, before any work, a CUDA device on a machine without CUDA (a `UserError`)."
+    if str(device).startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+
 # %% ../nbs/00a_runtime.ipynb #3e0219da
 RUN_MAX_BYTES = 16 << 20     # a run.json holds settings and hashes: a few kB; a larger one is not one multiminer wrote
 _RUN_TYPES = dict(stage=str, finished=bool, preset=(str, type(None)), data=(dict, type(None)), input_size=(int, type(None)),
@@ -351,6 +366,67 @@ def write_run(out, stage, argv, preset, data, input_size, **extra):
 def absolute_path(p):
     "`p` as an absolute path string, `~` expanded (None stays None)."
     return None if p is None else str(Path(p).expanduser().resolve())
+
+# %% ../nbs/00a_runtime.ipynb #d7eb8a76
+def lock_path(out) -> Path:
+    "The lock file of the output folder `out`: beside it, `.<name>.lock`, so that the folder holds only what the run writes."
+    p = Path(absolute_path(out))
+    name = p.name if len(p.name) <= 200 else hashlib.sha256(p.name.encode()).hexdigest()[:16]   # within a file name's 255 bytes
+    return p.with_name(f".{name}.lock")
+
+def _alive(holder:dict) -> bool:
+    "Whether the process that wrote the lock record `holder` still runs (one on another machine is taken to)."
+    if holder.get('host') != socket.gethostname(): return True
+    try: os.kill(int(holder.get('pid')), 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    except (TypeError, ValueError, OverflowError): return False
+    return True
+
+# %% ../nbs/00a_runtime.ipynb #5071e522
+def _make_folders(p) -> list:
+    "Make the missing folders above the lock file `p` (a file in the way is a `NotADirectoryError` naming it); those made, deepest first."
+    made = []
+    for a in (p.parent, *p.parent.parents):
+        if a.exists() or a.is_symlink():
+            if not a.is_dir(): raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder", str(a))
+            break
+        made.append(a)
+    for a in reversed(made): a.mkdir()
+    return made
+
+def _remove_empty(folders):
+    for a in folders:
+        with contextlib.suppress(OSError): a.rmdir()
+
+@contextlib.contextmanager
+def out_lock(out, command:str):
+    "Hold the advisory lock of the output folder `out` while the block runs; a live holder is a `UserError` naming it, a stale lock is taken over. Folders made for the lock are removed with it while they are empty."
+    p = lock_path(out); made = _make_folders(p)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), command=command, started=time.strftime('%Y-%m-%d %H:%M:%S'))
+    tmp = p.with_name(f"{p.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(me))
+        for _ in range(3):
+            try: os.link(tmp, p); break
+            except FileExistsError:
+                try: holder = json.loads(p.read_text())
+                except (OSError, ValueError): holder = {}
+                if _alive(holder):
+                    raise UserError(f"--out {out} is being written by process {holder.get('pid')} on {holder.get('host')} "
+                                    f"(`multiminer {holder.get('command')}`, started {holder.get('started')}): one folder "
+                                    f"holds one run; wait until it ends, or choose another --out (its lock is {p})") from None
+                p.unlink(missing_ok=True)       # stale: its process is gone
+        else: raise UserError(f"--out {out}: could not take its lock {p}; try again")
+    except BaseException:
+        tmp.unlink(missing_ok=True); _remove_empty(made); raise
+    tmp.unlink(missing_ok=True)
+    try: yield p
+    finally:
+        try:
+            if json.loads(p.read_text()).get('pid') == os.getpid(): p.unlink()
+        except (OSError, ValueError): pass
+        _remove_empty(made)
 
 # %% ../nbs/00a_runtime.ipynb #b6d6cc8d
 FINGERPRINT_BYTES = 1 << 16       # of each VOC file, from its start and from its end, in the data fingerprint
@@ -513,6 +589,18 @@ def check_resume(out, now, ignore=()):
     if diff:
         raise UserError(f"cannot --resume {out}: it was started with other inputs or settings ({'; '.join(diff)}); resume "
                        f"with the same ones, or pass --force to start afresh")
+
+# %% ../nbs/00a_runtime.ipynb #394fde04
+def interrupted_message(command:str, out=None) -> str:
+    "The one line printed when `multiminer <command>` is stopped (Ctrl-C): what was saved in `out`, and how to go on."
+    if out is None or not Path(out).is_dir() or not any(Path(out).iterdir()): return "interrupted; nothing was saved"
+    if command in RESUMABLE + ('demo', 'table2', 'fig6'):
+        return f"interrupted; what was done so far is saved in {out}: run the same command with --resume to continue"
+    return f"interrupted; {out} holds an unfinished run: run the same command with --force to start it again"
+
+def os_error_message(e:OSError) -> str:
+    "An OSError on a file a command writes, as the path and the reason."
+    return f"cannot write {e.filename}: {e.strerror or e}" if e.filename else str(e)
 
 # %% ../nbs/00a_runtime.ipynb #f65079bc
 def available_memory() -> int:
