@@ -16,7 +16,8 @@ from . import __version__
 from .runtime import (DATA_KINDS, NEW_OUTS, PRESETS, SEED_MAX, UserError, absolute_path, atomic_path, check_device,
                                 check_resume, check_same_data, data_fingerprint, file_sha256, init_distributed,
                                 interrupted_message, is_main, launched, os_error_message, out_lock, output_sha256,
-                                prepare_out, read_run, require_upstream, say, take_back, tree_sha256, write_json, write_run)
+                                prepare_out, experiment_run, require_upstream, say, take_back, tree_sha256, write_json,
+                                write_run)
 from .data import VOCTestImages, PseudoMaskDataset, VOC_CLASSES, image_file_size, voc_transforms
 from .classifier import CHECKPOINT_NAME, ClassifierConfig, freeze, load_classifier, train_classifier
 from .mining import MiningConfig, MultiMiner
@@ -286,22 +287,22 @@ def resolve_data(args, upstream=None):
     return spec, preset, seed, input_size
 
 # %% ../nbs/11_cli.ipynb #75fd356e
-def _demo_kw(args, marker):
+@contextlib.contextmanager
+def _demo_run(args, argv, marker):
+    "Yield the checked arguments of run_demo (run_table2, run_segmentation_by_steps) inside the `experiment_run` of `args.out`, whose config is what the runs of demo, table2 and fig6 in one folder share."
     kw = dict(out=args.out, seed=args.seed, n_images=args.n_images, n_classes=args.n_classes,
               image_size=args.image_size, device=args.device)
     try: check_demo_args(**kw)
     except ValueError as e: raise UserError(str(e)) from e
-    out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.force):
-        what = f"a finished run ({marker})" if (out/marker).is_file() else "an unfinished run"
-        raise UserError(f"--out {out} already holds {what}: pass --resume to continue or reuse it, --force to run it "
-                       f"again from scratch, or choose another --out")
-    return dict(kw, resume=args.resume and not args.force, progress=not args.quiet, data=args.data)
+    config = dict(seed=args.seed, n_images=args.n_images, n_classes=args.n_classes, image_size=args.image_size, data=args.data)
+    with experiment_run(args.out, args.command, argv, config, marker, args.resume, args.force):
+        yield dict(kw, resume=args.resume and not args.force, progress=not args.quiet, data=args.data)
 
 # %% ../nbs/11_cli.ipynb #59c864d2
 def cmd_demo(args, argv=()):
     "`multiminer demo`: run_demo with the command-line arguments."
-    m = run_demo(**_demo_kw(args, 'metrics.json'), crf=not args.no_crf, segmentation=not args.no_segmentation)
+    with _demo_run(args, argv, 'metrics.json') as kw:
+        m = run_demo(**kw, crf=not args.no_crf, segmentation=not args.no_segmentation)
     print("pseudo-mask mIoU (saliency cue): " + ", ".join(f"{k} {v['saliency']:.1f}" for k, v in m['pseudo_miou'].items())
           + (("; segmentation mIoU: " + ", ".join(f"{k} {v:.1f}" for k, v in m['segmentation_miou'].items()))
              if 'segmentation_miou' in m else "") + f"  ({Path(args.out)/'metrics.json'})")
@@ -310,14 +311,14 @@ def cmd_demo(args, argv=()):
 # %% ../nbs/11_cli.ipynb #b383d6bf
 def cmd_table2(args, argv=()):
     "`multiminer table2`: demo.run_table2."
-    res = run_table2(**_demo_kw(args, 'table2.json'))
+    with _demo_run(args, argv, 'table2.json') as kw: res = run_table2(**kw)
     for name, row in res['rows'].items(): print(f"{name:12s} pseudo {row['pseudo_miou']:5.1f}  segmentation {row['segmentation_miou']:5.1f}")
     return res
 
 # %% ../nbs/11_cli.ipynb #1a67cc28
 def cmd_fig6(args, argv=()):
     "`multiminer fig6`: demo.run_segmentation_by_steps."
-    res = run_segmentation_by_steps(**_demo_kw(args, 'fig6.json'))
+    with _demo_run(args, argv, 'fig6.json') as kw: res = run_segmentation_by_steps(**kw)
     print("segmentation mIoU by merged steps: " + ", ".join(f"{v:.1f}" for v in res['segmentation_miou_by_steps']))
     return res
 

@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE',
-           'NEW_OUTS', 'world_size', 'rank', 'is_main', 'launched', 'init_distributed', 'barrier', 'shard', 'all_sum',
-           'broadcast_', 'global_mean', 'ShardedBatchSampler', 'ddp', 'unwrap', 'GlobalBatchNorm2d', 'GlobalDropout2d',
-           'global_batch_layers', 'gather_rows', 'progress_bar', 'say', 'ordered_map', 'atomic_path', 'atomic_save',
-           'rng_state', 'set_rng_state', 'kept_rng', 'file_sha256', 'tree_sha256', 'tensors_sha256', 'save_checkpoint',
-           'resume_from', 'UserError', 'check_device', 'read_run', 'write_json', 'write_run', 'absolute_path',
-           'lock_path', 'out_lock', 'output_sha256', 'data_fingerprint', 'show_value', 'differences', 'take_back',
-           'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'interrupted_message',
-           'os_error_message', 'available_memory']
+           'NEW_OUTS', 'EXPERIMENT_FILES', 'world_size', 'rank', 'is_main', 'launched', 'init_distributed', 'barrier',
+           'shard', 'all_sum', 'broadcast_', 'global_mean', 'ShardedBatchSampler', 'ddp', 'unwrap', 'GlobalBatchNorm2d',
+           'GlobalDropout2d', 'global_batch_layers', 'gather_rows', 'progress_bar', 'say', 'ordered_map', 'atomic_path',
+           'atomic_save', 'rng_state', 'set_rng_state', 'kept_rng', 'file_sha256', 'tree_sha256', 'tensors_sha256',
+           'save_checkpoint', 'resume_from', 'UserError', 'check_device', 'read_run', 'write_json', 'write_run',
+           'absolute_path', 'lock_path', 'out_lock', 'output_sha256', 'data_fingerprint', 'show_value', 'differences',
+           'take_back', 'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'experiment_run',
+           'interrupted_message', 'os_error_message', 'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
 import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, socket, sys, time
@@ -589,6 +589,28 @@ def check_resume(out, now, ignore=()):
     if diff:
         raise UserError(f"cannot --resume {out}: it was started with other inputs or settings ({'; '.join(diff)}); resume "
                        f"with the same ones, or pass --force to start afresh")
+
+# %% ../nbs/00a_runtime.ipynb #ab679040
+EXPERIMENT_FILES = ('classifier', 'saliency', 'mining', 'mining_*', 'segmentation', 'fig_*.png', 'metrics.json',
+                    'table2.json', 'fig6.json', RUN_FILE)
+
+@contextlib.contextmanager
+def experiment_run(out, command:str, argv, config:dict, marker:str, resume=False, force=False):
+    "Around `multiminer <command>` (demo, table2, fig6) in `out`: a run there is refused unless `resume` (with the same `config`) or `force` (its files removed first); run.json says finished once the block completes."
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        if force:
+            for p in (p for pat in EXPERIMENT_FILES for p in out.glob(pat)) if is_main() else ():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif resume:
+            if read_run(out): check_resume(out, dict(config=config))
+        else:
+            what = f"a finished run ({marker})" if (out/marker).is_file() else "an unfinished run"
+            raise UserError(f"--out {out} already holds {what}: pass --resume to continue or reuse it, --force to run it "
+                            f"again from scratch, or choose another --out")
+    write_run(out, command, argv, None, None, None, seed=config.get('seed', 0), finished=False, config=config)
+    yield
+    write_run(out, command, argv, None, None, None, seed=config.get('seed', 0), finished=True, config=config)
 
 # %% ../nbs/00a_runtime.ipynb #394fde04
 def interrupted_message(command:str, out=None) -> str:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from multiminer.cli import main, load_mining_result, read_run
+from multiminer.cli import main, load_mining_result
+from multiminer.runtime import read_run
 from multiminer.runtime import file_sha256
 from cli_helpers import run_cli, _one_thread
 from multiminer.data import make_voc_fixture

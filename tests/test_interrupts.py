@@ -103,3 +103,24 @@ def test_a_full_disk_leaves_no_temporary_file(tmp_path):
         code, _, err = run_cli('train-classifier', *SHAPES, '--epochs', 1, '--out', tmp_path/'c', '--quiet')
     assert code == 2 and 'classifier.pt' in err and 'is the disk full?' in err and 'Traceback' not in err
     assert not list((tmp_path/'c').glob('*.tmp'))
+
+
+def test_an_interrupted_force_resumes_only_with_its_own_settings(tmp_path):
+    "The demo's folder: --resume with another seed is refused; an interrupted --force leaves nothing of the old run."
+    out = tmp_path/'d'
+    def demo(out, seed, resume, **kw):
+        (Path(out)/'classifier').mkdir(exist_ok=True)
+        if seed == 1 and not resume: raise KeyboardInterrupt             # killed during the classifier
+        (Path(out)/'metrics.json').write_text(json.dumps(dict(pseudo_miou={}, seed=seed)))
+        return dict(pseudo_miou={})
+    args = ('--n-images', 16, '--image-size', 32, '--no-crf', '--no-segmentation', '--quiet')
+    with mock.patch.object(cli, 'run_demo', demo):
+        assert run_cli('demo', '--out', out, *args)[0] == 0
+        code, _, err = run_cli('demo', '--out', out, '--seed', 1, '--resume', *args)
+        assert code == 2 and 'config.seed: 0 then, 1 now' in err
+        assert run_cli('demo', '--out', out, '--seed', 1, '--force', *args)[0] == 130
+        assert not (out/'metrics.json').exists() and json.loads((out/'run.json').read_text())['finished'] is False
+        code, _, err = run_cli('demo', '--out', out, '--resume', *args)          # the old seed: refused
+        assert code == 2 and 'config.seed: 1 then, 0 now' in err
+        assert run_cli('demo', '--out', out, '--seed', 1, '--resume', *args)[0] == 0
+    assert json.loads((out/'metrics.json').read_text())['seed'] == 1 and json.loads((out/'run.json').read_text())['finished']
