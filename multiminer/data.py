@@ -6,18 +6,21 @@
 __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'VOC_PALETTE', 'VOC_URL', 'SBD_URL', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'labels_from_mask', 'colorize_mask', 'SyntheticShapes', 'SyntheticScenes', 'cam_coverage',
            'coverage_by_size', 'resolve_roots', 'read_image_file', 'read_mask_file', 'image_file_size', 'VOCSegDataset',
-           'read_split_list', 'voc_dataset', 'voc_transforms', 'make_voc_fixture']
+           'split_text', 'read_split_list', 'voc_dataset', 'voc_transforms', 'make_voc_fixture', 'synthetic_bytes',
+           'voc_image', 'VOCImages', 'save_mask_png', 'PseudoMaskDataset', 'VOCTestImages']
 
 # %% ../nbs/01_data.ipynb #0c453a49
-import math, numbers, time
+import codecs, math, numbers, os, time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as nnf
 from fastcore.basics import patch
 from torch.utils.data import Dataset
+from .runtime import UserError, atomic_path
 
 # %% ../nbs/01_data.ipynb #fef2fba1
 IGNORE_INDEX = 255  # mask value of pixels that no loss or metric counts
@@ -222,6 +225,14 @@ def _draw(self: SyntheticShapes):
     p['part_u'] = r * ang.cos() * (p['a'] - p['part_half']).clamp(min=0)                # part centre, object frame
     p['part_v'] = r * ang.sin() * (p['b'] - p['part_half']).clamp(min=0)
     self.part_colors = _hsv_to_rgb(torch.arange(C) * spacing, torch.ones(C), torch.ones(C))  # (C, 3)
+    self._draw_clutter(p, body_colours)
+    self.params = p
+
+# %% ../nbs/01_data.ipynb #9b6ff756
+@patch
+def _draw_clutter(self: SyntheticShapes, p, body_colours):
+    "Draw the clutter slots, (N, Q), and the background of every image into `p`; clutter takes any class's body colour."
+    N, C, S, cfg, g = self.n_images, self.n_classes, self.image_size, self.config, self._gen
     Q = cfg['clutter'][1]
     n_cl = torch.randint(cfg['clutter'][0], Q + 1, (N,), generator=g)
     p['cl_on'] = torch.arange(Q)[None] < n_cl[:, None]
@@ -235,7 +246,6 @@ def _draw(self: SyntheticShapes):
     p['cl_rgb'] = body_colours(torch.randint(0, C, (N, Q), generator=g), (N, Q))    # any class's body colour
     p['bg_rgb'] = _hsv_to_rgb(_uniform(g, (N,), (0, 1)), _uniform(g, (N,), (0, 0.15)), _uniform(g, (N,), (0.25, 0.55)))
     p['bg_var'] = torch.randn(N, 3, 4, 4, generator=g) * cfg['background_variation']
-    self.params = p
 
 # %% ../nbs/01_data.ipynb #79997a67
 def _finish(ds, ignore_border:int):
@@ -249,6 +259,25 @@ def _finish(ds, ignore_border:int):
     ds.areas = torch.stack([(ds.masks == c + 1).flatten(1).sum(1) for c in range(ds.n_classes)], 1)
     del ds._gen
 
+# %% ../nbs/01_data.ipynb #a5f55df8
+def _paint_segments(layer, P, S, box):
+    "Paint the clutter items of a chunk of images into `layer` (n, S, S): every pixel within cl_half of a segment (a blob is a segment of length 0), the last item drawn winning."
+    n, Q = layer.shape[0], P['cl_on'].shape[1]
+    x1, y1 = P['cl_x'] + P['cl_len'] * P['cl_dx'], P['cl_y'] + P['cl_len'] * P['cl_dy']
+    bx = (torch.minimum(P['cl_x'], x1) - P['cl_half']).floor().long()[..., None] + box  # (n, Q, B)
+    by = (torch.minimum(P['cl_y'], y1) - P['cl_half']).floor().long()[..., None] + box
+    X, Y = (bx + 0.5 - P['cl_x'][..., None])[:, :, None, :], (by + 0.5 - P['cl_y'][..., None])[:, :, :, None]
+    e = lambda t: t[..., None, None]
+    along = X * e(P['cl_dx']) + Y * e(P['cl_dy'])
+    across = Y * e(P['cl_dx']) - X * e(P['cl_dy'])
+    along = along - torch.minimum(along.clamp(min=0), e(P['cl_len']))
+    hit = (along * along + across * across < e(P['cl_half']) ** 2) & e(P['cl_on'])
+    hit &= ((bx >= 0) & (bx < S))[:, :, None, :] & ((by >= 0) & (by < S))[:, :, :, None]
+    flat = (torch.arange(n)[:, None, None, None] * S + by[..., None]) * S + bx[:, :, None, :]
+    for q in range(Q):  # the last item drawn wins
+        layer.view(-1)[flat[:, q][hit[:, q]]] = q + 1
+
+# %% ../nbs/01_data.ipynb #79f96f78
 @patch
 def _render(self: SyntheticShapes):
     "Paint the images chunk by chunk into a map of *layers* (background, clutter items, bodies, parts), then colour it."
@@ -274,20 +303,7 @@ def _render(self: SyntheticShapes):
         P = {k: v[sl] for k, v in p.items()}
         n = len(P['bg_rgb'])
         layer = torch.zeros(n, S, S, dtype=torch.uint8)
-        if Q:  # clutter: every pixel within cl_half of a segment (a blob is a segment of length 0)
-            x1, y1 = P['cl_x'] + P['cl_len'] * P['cl_dx'], P['cl_y'] + P['cl_len'] * P['cl_dy']
-            bx = (torch.minimum(P['cl_x'], x1) - P['cl_half']).floor().long()[..., None] + box  # (n, Q, B)
-            by = (torch.minimum(P['cl_y'], y1) - P['cl_half']).floor().long()[..., None] + box
-            X, Y = (bx + 0.5 - P['cl_x'][..., None])[:, :, None, :], (by + 0.5 - P['cl_y'][..., None])[:, :, :, None]
-            e = lambda t: t[..., None, None]
-            along = X * e(P['cl_dx']) + Y * e(P['cl_dy'])
-            across = Y * e(P['cl_dx']) - X * e(P['cl_dy'])
-            along = along - torch.minimum(along.clamp(min=0), e(P['cl_len']))
-            hit = (along * along + across * across < e(P['cl_half']) ** 2) & e(P['cl_on'])
-            hit &= ((bx >= 0) & (bx < S))[:, :, None, :] & ((by >= 0) & (by < S))[:, :, :, None]
-            flat = (torch.arange(n)[:, None, None, None] * S + by[..., None]) * S + bx[:, :, None, :]
-            for q in range(Q):  # the last item drawn wins
-                layer.view(-1)[flat[:, q][hit[:, q]]] = q + 1
+        if Q: _paint_segments(layer, P, S, box)
         shade = torch.ones(n, S, S)
         part_of = torch.zeros(n, S, S, dtype=torch.uint8)
         for k in range(K):  # largest first
@@ -360,7 +376,6 @@ def _textures(fam, ang, period, phase, level, field, S):
     smooth = lambda ang, period, phase, level, field: torch.tanh(0.8 * field)
     blotches = lambda ang, period, phase, level, field: torch.tanh(4 * (field - e(level)))
     return _by_family(fam, _N_TEXTURES, [stripes, checker, smooth, blotches], ang, period, phase, level, field)
-
 
 # %% ../nbs/01_data.ipynb #233a213b
 def _part_pattern(pat, du, dv, period):
@@ -937,6 +952,7 @@ def _unreadable(kind, path, e):
     return ValueError(f"cannot read the {kind} {path} ({why}): the file is damaged or truncated; replace it with an "
                       f"intact copy (or remove its id from the split's list)")
 
+# %% ../nbs/01_data.ipynb #4cfc70e2
 def read_image_file(path) -> np.ndarray:
     "An image file as (H, W, 3) uint8 RGB; a damaged or truncated file is a `ValueError` that names it."
     from PIL import Image
@@ -967,6 +983,7 @@ def image_file_size(path) -> tuple:
     except Exception as e: raise _unreadable('image', path, e) from None
     return h, w
 
+# %% ../nbs/01_data.ipynb #3bdb7a60
 class VOCSegDataset(Dataset):
     "VOC-format segmentation data: items (image, labels (20,), mask int64) with the mask's 255 kept as ignore."
     n_classes = 20
@@ -1016,13 +1033,28 @@ class VOCSegDataset(Dataset):
 
     def __repr__(self): return f"{type(self).__name__}(split={self.split!r}, {len(self)} images)"
 
-# %% ../nbs/01_data.ipynb #3414aca6
+# %% ../nbs/01_data.ipynb #a6a301d6
+def split_text(path) -> str:
+    "The text of a split file: UTF-8, a byte-order mark at its start dropped; another encoding is a `ValueError` naming the file and line."
+    try: raw = Path(path).read_bytes()
+    except OSError as e: raise ValueError(f"cannot read the split list {path} ({e})") from None
+    for bom, enc in ((codecs.BOM_UTF32_LE, 'UTF-32'), (codecs.BOM_UTF32_BE, 'UTF-32'), (codecs.BOM_UTF16_LE, 'UTF-16'),
+                     (codecs.BOM_UTF16_BE, 'UTF-16')):
+        if raw.startswith(bom): raise ValueError(f"{path}, line 1: the file is {enc} text; save it as UTF-8, one image id a line")
+    if raw.startswith(codecs.BOM_UTF8): raw = raw[len(codecs.BOM_UTF8):]
+    bad = raw.find(b'\0')
+    try:
+        if bad >= 0: raise UnicodeDecodeError('utf-8', raw, bad, bad + 1, 'NUL byte')
+        return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise ValueError(f"{path}, line {line}: byte 0x{raw[e.start]:02x} is not UTF-8 text: "
+                         f"the file is in another encoding; save it as UTF-8, one image id a line") from None
+
 def read_split_list(path) -> list:
-    "The image ids of a split file, one per line; spaces around an id, Windows line ends and blank lines are allowed, a repeated id or one with a folder in it is a `ValueError` naming the file and line."
-    try: text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e: raise ValueError(f"cannot read the split list {path} ({e})") from None
+    "The image ids of a split file, one per line; spaces around an id, Windows line ends, blank lines and a UTF-8 byte-order mark are allowed, a repeated id or one with a folder in it is a `ValueError` naming the file and line."
     ids, line_of = [], {}
-    for k, line in enumerate(text.splitlines(), 1):
+    for k, line in enumerate(split_text(path).splitlines(), 1):
         n = line.strip()
         if not n: continue
         if n in line_of:
@@ -1034,6 +1066,7 @@ def read_split_list(path) -> list:
         line_of[n] = k; ids.append(n)
     return ids
 
+# %% ../nbs/01_data.ipynb #3414aca6
 def _check_listed_files(split, lists, names, *paths):
     "Every listed image and mask exists, all counted now (not found one at a time, part-way through a stage)."
     if not names:
@@ -1144,3 +1177,68 @@ def make_voc_fixture(root, voc_train=('a1', 'a2', 'a3'), voc_val=('v1', 'v2'), s
     for split, lst in [('train', sbd_train), ('val', sbd_val)]:
         (sbd/f"{split}.txt").write_text(''.join(f"{n}\n" for n in lst))
     return masks  # name -> the class of its object
+
+# %% ../nbs/01_data.ipynb #8694df90
+def synthetic_bytes(n_images, image_size) -> int:
+    "Memory of a SyntheticScenes or SyntheticShapes set: float32 images (3 channels) and two int64 masks per image."
+    return int(n_images) * int(image_size) ** 2 * (3 * 4 + 2 * 8)
+
+# %% ../nbs/01_data.ipynb #a2226809
+def voc_image(ds, i):
+    "Image `i` of a VOCSegDataset as a float (3, H, W) tensor in [0, 1]; a damaged file is named."
+    return torch.from_numpy(read_image_file(ds.image_paths[i]).copy()).permute(2, 0, 1).float() / 255
+
+# %% ../nbs/01_data.ipynb #6cb060c4
+class VOCImages(Dataset):
+    "The images of a VOCSegDataset alone (no mask is read): float (3, H, W), normalised as `voc_transforms(train=False)` does."
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        return (voc_image(self.ds, i) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+# %% ../nbs/01_data.ipynb #d5e1557f
+def save_mask_png(mask, path):
+    im = Image.fromarray(mask.numpy().astype(np.uint8)); im.putpalette(VOC_PALETTE.flatten().tolist())
+    with atomic_path(path, '.tmp.png') as tmp: im.save(tmp)
+
+# %% ../nbs/01_data.ipynb #b1c59e82
+class PseudoMaskDataset(Dataset):
+    "VOC images (float (3, H, W) in [0, 1]) paired with the pseudo masks `mask_dir/<image id>.png`."
+    def __init__(self, base, mask_dir):
+        self.base, self.mask_dir = base, Path(mask_dir)
+        missing = [n for n in base.names if not (self.mask_dir/f"{n}.png").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(base.names)} pseudo masks are missing from "
+                                    f"{self.mask_dir}, first: {missing[0]}.png (run `multiminer pseudo-labels`)")
+        links = [n for n in base.names if (self.mask_dir/f"{n}.png").is_symlink()]
+        if links: raise UserError(f"{self.mask_dir/links[0]}.png is a symbolic link (to {os.readlink(self.mask_dir/f'{links[0]}.png')}): "
+                                 f"pseudo-labels writes plain files; run `multiminer pseudo-labels` again")
+    def __len__(self): return len(self.base)
+    def __getitem__(self, i):
+        p, image = self.mask_dir/f"{self.base.names[i]}.png", voc_image(self.base, i)
+        mask = read_mask_file(p)
+        if mask.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"the pseudo mask {p} is {mask.shape} (H, W) but its image {self.base.image_paths[i]} is "
+                             f"{tuple(image.shape[-2:])}: run `multiminer pseudo-labels` again")
+        bad = (mask > self.base.n_classes) & (mask != 255)
+        if bad.any(): raise ValueError(f"the pseudo mask {p} holds {mask[bad].flat[0]}, not a class index "
+                                       f"0..{self.base.n_classes} or 255: run `multiminer pseudo-labels` again")
+        return image, torch.from_numpy(mask.astype(np.int64))
+
+# %% ../nbs/01_data.ipynb #e33618cb
+class VOCTestImages(Dataset):
+    "The VOC 2012 test images (ImageSets/Segmentation/test.txt, no masks): float (3, H, W) in [0, 1], as the networks take them."
+    split = 'test'
+    def __init__(self, spec):
+        voc = resolve_roots(spec['voc_root'], None)[0]/'VOCdevkit'/'VOC2012'
+        lst = voc/'ImageSets'/'Segmentation'/'test.txt'
+        if not lst.is_file():
+            raise UserError(f"--split test: {lst} not found. Unpack the VOC 2012 test images (VOC2012test.tar, from the "
+                           f"evaluation server) into the same VOCdevkit/VOC2012/: JPEGImages/<id>.jpg and "
+                           f"ImageSets/Segmentation/test.txt")
+        self.names = read_split_list(lst)
+        self.image_paths = [voc/'JPEGImages'/f"{n}.jpg" for n in self.names]
+        missing = [p for p in self.image_paths if not p.is_file()]
+        if missing: raise UserError(f"{len(missing)} of {len(self.names)} test images listed in {lst} are missing, first: {missing[0]}")
+    def __len__(self): return len(self.names)
+    def __getitem__(self, i): return voc_image(self, i)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from multiminer.cli import main, load_mining_result, read_run
+from multiminer.cli import main, load_mining_result
+from multiminer.runtime import read_run
 from multiminer.runtime import file_sha256
 from cli_helpers import run_cli, _one_thread
 from multiminer.data import make_voc_fixture
@@ -169,7 +170,7 @@ def test_commands_refuse_code_with_exit_2(tmp_path):
 def test_synthetic_data_is_the_demos(tmp_path):
     "--data synthetic is the demo's SyntheticScenes with the demo's settings (stride 4 ...); --data shapes the old set."
     from dataclasses import asdict, replace
-    from multiminer.cli import _synthetic
+    from multiminer.pipeline import synthetic_split
     from multiminer.data import SyntheticScenes, SyntheticShapes
     from multiminer.demo import DemoSettings
     from multiminer.pipeline import make_synthetic
@@ -185,9 +186,9 @@ def test_synthetic_data_is_the_demos(tmp_path):
         assert run_cli('mine', '--classifier', c, '--out', m, '--max-steps', 1, '--quiet')[0] == 0
         assert tuple(read_run(m)['config']['scales']) == S.mining.scales
         spec = rec['data']
-        ds = _synthetic(spec)
+        ds = synthetic_split(spec)
         assert isinstance(ds, cls) and torch.equal(ds.images, make_synthetic(S.data, 16, 4, 32, 0).images)
-        assert torch.equal(_synthetic(spec, 'val', 4).images, make_synthetic(S.data, 4, 4, 32, 100_000).images)
+        assert torch.equal(synthetic_split(spec, 'val', 4).images, make_synthetic(S.data, 4, 4, 32, 100_000).images)
     assert tuple(read_run(tmp_path/'m_synthetic')['config']['scales'])[0] == 32   # scenes: the first scale is the image size
 
 
@@ -207,8 +208,8 @@ def test_erase_then_pseudo_labels(tmp_path):
     assert tuple(rec['config']['scales']) == S.erasing.scales and rec['config']['n_m'] == S.erasing.n_m
     res, extra = load_mining_result(tmp_path/'e')
     # the same as fixed_erasing called directly on the classifier's features
-    from multiminer.cli import _synthetic
-    ds = _synthetic(rec['data'])
+    from multiminer.pipeline import synthetic_split
+    ds = synthetic_split(rec['data'])
     clf = load_classifier(tmp_path/'c')
     cfg = S.erasing; cfg.steps = 2
     er = fixed_erasing(clf.modulator, FeatureBank(clf.extractor, ds.images, cfg.scales), ds.labels, cfg, progress=False)

@@ -9,7 +9,8 @@ import os, subprocess, sys
 import pytest
 import torch
 
-from multiminer.cli import load_mining_result, read_run
+from multiminer.cli import load_mining_result
+from multiminer.runtime import read_run
 from multiminer.models import load_checkpoint
 from cli_helpers import run_cli, ok, _one_thread
 

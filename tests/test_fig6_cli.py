@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from multiminer.cli import load_mining_result, read_run, _synthetic
+from multiminer.pipeline import load_mining_result, synthetic_split
+from multiminer.runtime import read_run
 from multiminer.runtime import file_sha256
 from multiminer.demo import pseudo_miou
 from cli_helpers import run_cli, ok, _one_thread
@@ -24,7 +25,7 @@ def test_by_steps_is_the_demos_score_and_resumes(tmp_path):
     assert sorted(rec['outputs']) == ['mining_result.pt', 'snapshots/step_1.pt', 'snapshots/step_2.pt']
     # the last value is the demo's (batched) pseudo-mask mIoU of the finished result, and what pseudo-labels prints
     r, extra = load_mining_result(m)
-    ds = _synthetic(rec['data'])
+    ds = synthetic_split(rec['data'])
     assert abs(curve[-1] - pseudo_miou(r.strength(), extra['labels'], ds.masks, r.bg_threshold)) < 1e-9
     ok('pseudo-labels', '--mining', m, '--out', tmp_path/'p')
     assert json.loads((tmp_path/'p'/'summary.json').read_text())['miou'] == round(curve[-1], 2)

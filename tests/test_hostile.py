@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from multiminer.cli import read_run, output_sha256, RUN_MAX_BYTES
+from multiminer.runtime import read_run, output_sha256, RUN_MAX_BYTES
 from multiminer.data import make_voc_fixture, VOC_PALETTE
 from cli_helpers import run_cli, ok, _one_thread
 

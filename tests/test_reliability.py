@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from multiminer.cli import main, read_run
+from multiminer.cli import main
+from multiminer.runtime import read_run
 from multiminer.runtime import file_sha256
 from cli_helpers import run_cli, ok, _one_thread
 from multiminer.data import make_voc_fixture
@@ -229,14 +230,14 @@ def test_voc_data_under_another_root(voc_clf, tmp_path):
 
 
 def _fail_at(n):
-    "A stand-in for cli._pseudo_one that fails on its n-th image."
-    from multiminer import cli
-    calls, real = [], cli._pseudo_one
+    "A stand-in for pipeline.image_pseudo_mask (what `pseudo-labels` runs on each image) that fails on its n-th image."
+    from multiminer import pipeline
+    calls, real = [], pipeline.image_pseudo_mask
     def pseudo_one(*a):
         calls.append(1)
         if len(calls) == n: raise RuntimeError(f'image {n} failed')
         return real(*a)
-    return mock.patch.object(cli, '_pseudo_one', pseudo_one)
+    return mock.patch.object(pipeline, 'image_pseudo_mask', pseudo_one)
 
 
 def test_pseudo_labels_failing_part_way(voc_clf, tmp_path):

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from multiminer.cli import main, read_run, load_mining_result
+from multiminer.cli import main, load_mining_result
+from multiminer.runtime import read_run
 from multiminer.runtime import file_sha256
 from cli_helpers import run_cli, ok
 from multiminer.classifier import load_classifier
