@@ -113,18 +113,22 @@ class ReextractedFeatures:
         return self.extractor(resize_images(x, self.size).to(self.device))
 
 # %% ../nbs/13_bench.ipynb #cb7e3236
-def step_seconds(modulator, cfg, bank, labels, device='cpu') -> float:
-    "Wall-clock seconds of mining step 1 of a fresh `MultiMiner` on `bank` (cached features or a re-extracting stand-in)."
+def _fresh_miner(modulator, cfg, bank, labels, device):
+    "A `MultiMiner` ready for step 1, which stores every map: a constant saliency stands in for stop_test='saliency'."
     m = MultiMiner(modulator, cfg, device=device)
     m.state = m.init_state(bank, labels)
+    if cfg.stop_test == 'saliency': m.saliency = torch.full((len(labels), 1, 1), 0.5)
+    return m
+
+def step_seconds(modulator, cfg, bank, labels, device='cpu') -> float:
+    "Wall-clock seconds of mining step 1 of a fresh `MultiMiner` on `bank` (cached features or a re-extracting stand-in)."
+    m = _fresh_miner(modulator, cfg, bank, labels, device)
     _sync(device); t0 = time.perf_counter(); m.step(bank, labels); _sync(device)
     return time.perf_counter() - t0
 
 def step_flops(modulator, cfg, bank, labels, device='cpu') -> int:
     "Convolution FLOPs of mining step 1 of a fresh `MultiMiner` (the same work `step_seconds` times, for the same seed)."
-    m = MultiMiner(modulator, cfg, device=device)
-    m.state = m.init_state(bank, labels)
-    return conv_flops(m.step, bank, labels)[1]
+    return conv_flops(_fresh_miner(modulator, cfg, bank, labels, device).step, bank, labels)[1]
 
 def modulator_ceiling(modulator, feats, batch_size:int, reps:int=2, device='cpu') -> float:
     "GFLOP/s of the modulator's forward+backward alone on one batch of `feats` (the step's own convolution shapes, without the rest of the step)."

@@ -23,7 +23,7 @@ from .classifier import CHECKPOINT_NAME, ClassifierConfig, freeze, load_classifi
 from .mining import MiningConfig, MultiMiner
 from .baselines import ErasingConfig, fixed_erasing
 from .metrics import iou_per_class, miou
-from .pseudo import check_saliency_folder
+from .pseudo import check_saliency_folder, load_saliency
 from .segmentation import SegConfig, evaluate, load_segmentation_model, train_segmentation
 from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cached_feature_bank, check_finite,
                                  check_fig6_flags, check_snapshot_steps, check_synthetic_memory, classifier_restore,
@@ -152,6 +152,8 @@ def _mining_commands(add, data, train, run):
     m.add_argument('--resume', action='store_true', help="continue from mining_state.pt in --out")
     m.add_argument('--force', action='store_true', help="replace the run in --out instead of refusing it")
     m.add_argument('--max-steps', type=_int_at_least(1), metavar='N', help="cap on the mining steps (default: the preset's)")
+    m.add_argument('--saliency', metavar='DIR', help="the saliency stop test (the synthetic preset's): one grey-scale PNG "
+                   "per image, named <image id>.png; without it the stop test is the modulator's, the paper's")
     m.add_argument('--scales', type=_int_at_least(8), nargs='+', metavar='PX', help="the input scales of the steps (Eq. 8; "
                    "default: the preset's schedule, 256 321 417 for voc); one scale mines every step at it (Table 2)")
     m.add_argument('--by-steps', action='store_true', help="Fig. 6, pseudo-mask version: after every step T, the mIoU of "
@@ -397,6 +399,8 @@ def cmd_mine(args, argv=()):
     def config(preset, spec, input_size, seed):
         over = _over(max_steps=args.max_steps, seed=seed)
         cfg = MiningConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).mining, **over)
+        if args.saliency: cfg = replace(cfg, stop_test='saliency')
+        elif cfg.stop_test == 'saliency': cfg = replace(cfg, stop_test='modulator')   # no saliency maps: the paper's test
         if not args.scales: return cfg
         bs = dict(zip(cfg.scales, cfg.batch_sizes))   # a scale of the schedule keeps its batch size; others the last one's
         try: return replace(cfg, scales=tuple(args.scales), batch_sizes=tuple(bs.get(s, cfg.batch_sizes[-1]) for s in args.scales))
@@ -419,11 +423,13 @@ def cmd_mine(args, argv=()):
     bank = cached_feature_bank(clf, images, cfg, out/'features' if spec['kind'] == 'voc' else None, key, args.device,
                          not args.quiet)
     bar, show = mining_bar(cfg.max_steps, not args.quiet)
+    sal = load_saliency(args.saliency, names, size=cfg.scales[-1]) if args.saliency else None
     fig6 = by_steps_callback(out, labels, ds.load_mask if spec['kind'] == 'voc' else (lambda i: ds.masks[i]), args.by_steps,
                              args.snapshots)
     with bar:
         result = MultiMiner(clf.modulator, cfg, device=args.device).run(bank, labels, out_dir=out, resume=r.state != 'new',
-                                                                        progress=False, callback=lambda m: (fig6(m), show(m)))
+                                                                        progress=False, callback=lambda m: (fig6(m), show(m)),
+                                                                        saliency=sal)
     save_mining_result(result, out/'mining_result.pt', labels, names, spec)
     hist = {int(k): int(v) for k, v in zip(*torch.unique(result.steps, return_counts=True))}
     summary = dict(n_images=len(labels), n_objects=len(result.objects), steps_run=len(result.history),

@@ -309,6 +309,8 @@ def step(self:MultiMiner, bank, labels, progress=False):
     new_area = ((maps < c.region_threshold) & ~before).flatten(1).sum(1).float()
     salient = None
     if c.stop_test == 'saliency':                                          # mean saliency of each new region
+        if self.saliency is None:
+            raise ValueError("MultiMiner.step: stop_test='saliency' needs the saliency maps; pass them to `run(..., saliency=...)`")
         new = ((maps < c.region_threshold) & ~before).float()
         sal = _resize_maps(self.saliency, pool_r.shape[-2:])[st.objects[which, 0]]
         salient = (new * sal).flatten(1).sum(1) / new.flatten(1).sum(1).clamp(min=1)
