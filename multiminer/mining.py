@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['STOP_REASONS', 'MiningConfig', 'object_index', 'image_masks', 'MiningState', 'batch_indices', 'fit_modulator',
-           'MultiMiner', 'stop_decisions', 'MiningResult']
+           'MultiMiner', 'stop_decisions', 'region_saliency', 'MiningResult']
 
 # %% ../nbs/05_mining.ipynb #c792bbc2
 import copy, time, os
@@ -290,6 +290,24 @@ def stop_decisions(probs:torch.Tensor,        # (n,) the judge's p(j | F^t) of e
     else: reason[salient < min_saliency] = 4                  # the new region lies on background
     return reason
 
+# %% ../nbs/05_mining.ipynb #5130d50b
+def region_saliency(new:torch.Tensor,       # (n, h, w) bool: the positions each object's new map mines for the first time
+                    saliency:torch.Tensor,  # (N, H, W) in [0, 1]: the saliency network's maps of the N images
+                    images:torch.Tensor     # (n,) the image index of each object
+                   ) -> torch.Tensor:       # (n,) mean saliency over each new region, 0 where nothing is new
+    "The saliency stop test's evidence: the mean saliency of the region a step would add, at the mining resolution."
+    sal = _resize_maps(saliency, new.shape[-2:])[images]
+    new = new.float()
+    return (new * sal).flatten(1).sum(1) / new.flatten(1).sum(1).clamp(min=1)
+
+# %% ../nbs/05_mining.ipynb #e1c1a2bb
+@patch
+def _kept_objects(self:MultiMiner):
+    n = self.cfg.keep_step_maps
+    if n == 0: return torch.zeros(0, dtype=torch.long)
+    objs = self.state.objects
+    return torch.arange(len(objs)) if n < 0 else (objs[:, 0] < n).nonzero()[:, 0]
+
 # %% ../nbs/05_mining.ipynb #bff9146c
 @patch
 def step(self:MultiMiner, bank, labels, progress=False):
@@ -306,14 +324,13 @@ def step(self:MultiMiner, bank, labels, progress=False):
     which = torch.unique(torch.cat([act, keep]))
     maps, probs = self.generate(feats, masks, st.objects[which], max(bs, 64))   # M_j^t, p(j | F^t)
     before = pool_r[which] < c.region_threshold                            # mined so far, at this resolution
-    new_area = ((maps < c.region_threshold) & ~before).flatten(1).sum(1).float()
+    newly = (maps < c.region_threshold) & ~before                          # what M_j^t mines that the pool had not
+    new_area = newly.flatten(1).sum(1).float()
     salient = None
-    if c.stop_test == 'saliency':                                          # mean saliency of each new region
+    if c.stop_test == 'saliency':
         if self.saliency is None:
             raise ValueError("MultiMiner.step: stop_test='saliency' needs the saliency maps; pass them to `run(..., saliency=...)`")
-        new = ((maps < c.region_threshold) & ~before).float()
-        sal = _resize_maps(self.saliency, pool_r.shape[-2:])[st.objects[which, 0]]
-        salient = (new * sal).flatten(1).sum(1) / new.flatten(1).sum(1).clamp(min=1)
+        salient = region_saliency(newly, self.saliency, st.objects[which, 0])
     reason = stop_decisions(probs, new_area, before.flatten(1).sum(1).float(), t, c.stop_threshold, c.min_region,
                             salient, c.min_saliency)
     broadcast_(reason)                                     # every rank takes rank 0's decisions (a no-op in one process)
@@ -344,13 +361,6 @@ def step(self:MultiMiner, bank, labels, progress=False):
               f"L_reg {g['reg']:.3f}) | stored {len(stored)}/{len(act)} active objects, stopped {rec['not_recognised']} "
               f"not recognised + {rec['nothing_mined']} nothing mined + {rec['not_salient']} not salient | {rec['seconds']:.1f}s", flush=True)
     return rec
-
-@patch
-def _kept_objects(self:MultiMiner):
-    n = self.cfg.keep_step_maps
-    if n == 0: return torch.zeros(0, dtype=torch.long)
-    objs = self.state.objects
-    return torch.arange(len(objs)) if n < 0 else (objs[:, 0] < n).nonzero()[:, 0]
 
 # %% ../nbs/05_mining.ipynb #82752ec2
 @patch

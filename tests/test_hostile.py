@@ -145,7 +145,7 @@ def _zeros(key): return lambda d: d | {key: {k: torch.zeros(2) for k in d[key]}}
     ('m/snapshots/step_1.pt', lambda d: d | {'steps': torch.zeros(1)}, ['pseudo-labels', '--steps', 1, '--mining', '{d}'],
      'is not step 1'),
     ('p/pseudo_masks.pt', lambda t: t.float(), ['train-seg', '--epochs', 1, '--pseudo', '{d}'], 'not a uint8 tensor'),
-    ('p/pseudo_masks.pt', lambda t: t + 99, ['train-seg', '--epochs', 1, '--pseudo', '{d}'], 'it holds 99'),
+    ('p/pseudo_masks.pt', lambda t: torch.full_like(t, 99), ['train-seg', '--epochs', 1, '--pseudo', '{d}'], 'it holds 99'),
     ('p/pseudo_masks.pt', lambda t: {'a': t}, ['train-seg', '--epochs', 1, '--pseudo', '{d}'], 'dict'),
     ('s/model.pt', _no('config'), ['evaluate', '--n-val', 4, '--seg', '{d}'], "KeyError: 'config'"),
     ('s/model.pt', _zeros('model'), ['evaluate', '--n-val', 4, '--seg', '{d}'], 'size mismatch'),
