@@ -25,10 +25,10 @@ from .baselines import ErasingConfig, fixed_erasing
 from .metrics import iou_per_class, miou
 from .pseudo import check_saliency_folder, load_saliency
 from .segmentation import SegConfig, evaluate, load_segmentation_model, train_segmentation
-from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cached_feature_bank, check_finite,
-                                 check_fig6_flags, check_snapshot_steps, check_synthetic_memory, classifier_restore,
-                                 erasing_result, image_and_mask, image_ids, load_mining_result, load_pseudo_masks,
-                                 load_stage_file, mining_bar, mining_inputs, need_file, pseudo_mask_jobs, reading_stage_file,
+from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cached_feature_bank, check_fig6_flags,
+                                 check_snapshot_steps, check_synthetic_memory, classifier_restore, erasing_result,
+                                 image_and_mask, image_ids, load_mining_result, load_pseudo_masks, load_stage_file,
+                                 load_stage_network, mining_bar, mining_inputs, need_file, pseudo_mask_jobs,
                                  save_mining_result, segmentation_restore, snapshot_hashes, snapshot_result, stage_dataset,
                                  synthetic_name, synthetic_split, try_resume, voc_split, write_evaluation, write_pseudo_masks,
                                  write_test_predictions)
@@ -104,12 +104,10 @@ def _parents():
     return run, quiet, data, train
 
 # %% ../nbs/11_cli.ipynb #b89ddfd9
-def _example(s): return f"example:\n  {s}"
-
 def _demo_commands(add):
     "`demo`, `table2` and `fig6`: the synthetic benchmark measured, each with the demo's own options."
     d = add('demo', [], "The whole pipeline on the synthetic data, measured: metrics.json and figures in --out.",
-            _example("multiminer demo --out runs/demo --n-images 400"))
+            "multiminer demo --out runs/demo --n-images 400")
     d.add_argument('--out', default='runs/demo', help="output folder (default runs/demo)")
     d.add_argument('--seed', type=_int_at_least(0, SEED_MAX), default=0, help="seed of data and training (default 0)")
     d.add_argument('--n-images', type=int, default=400, help="training images (default 400)")
@@ -127,28 +125,34 @@ def _demo_commands(add):
                              "pseudo-mask and segmentation mIoU per row (table2.json)", 'runs/table2'),
                             ('fig6', "Fig. 6: segmentation mIoU of networks trained on the first T merged steps, "
                              "T = 1, 2, ... (fig6.json)", 'runs/fig6')):
-        x = add(name, [], what + ". On the synthetic benchmark, with the demo's settings.", _example(f"multiminer {name} --out {fig}"))
+        x = add(name, [], what + ". On the synthetic benchmark, with the demo's settings.", f"multiminer {name} --out {fig}")
         x.add_argument('--out', default=fig, help=f"output folder (default {fig})")
         for a in ('--seed', '--n-images', '--n-classes', '--image-size', '--device', '--resume', '--force', '--quiet', '--data'):
             x._add_action(next(act for act in d._actions if a in act.option_strings))
+
+# %% ../nbs/11_cli.ipynb #77c43526
+def _stage_command(add, name, parents, help, example, reads, out):
+    "A stage's command: it reads an earlier stage's folder (`reads`: the flag and what it names) and writes --out (`out`: what it holds)."
+    p = add(name, parents, help, example)
+    p.add_argument(reads[0], required=True, metavar='DIR', help=reads[1])
+    p.add_argument('--out', required=True, metavar='DIR', help=f"output folder ({out})")
+    return p
 
 # %% ../nbs/11_cli.ipynb #4010eadf
 def _mining_commands(add, data, train, run):
     "`train-classifier`, `mine` and `erase`: stage 0, stage 1, and the erasing baseline on stage 0's features."
     c = add('train-classifier', [data, train, run], "Stage 0: train the feature extractor and the parallel "
             "modulator as a multi-label classifier.",
-            _example("multiminer train-classifier --preset voc --voc-root DATA --out runs/voc/classifier --device cuda"))
+            "multiminer train-classifier --preset voc --voc-root DATA --out runs/voc/classifier --device cuda")
     c.add_argument('--out', required=True, metavar='DIR', help="output folder (classifier.pt, run.json)")
     c.add_argument('--modulator-width', type=_int_at_least(1), metavar='N', help="channels of the modulator's two 3x3 "
                    "convolutions (default: the preset's, 1024 for voc); smaller only for quick tests of the VOC path")
 
-    m = add('mine', [data, run], "Stage 1: Algorithm 1, object-adaptive region mining with the multi-scale "
-            "schedule, on the frozen classifier's features.",
-            _example("multiminer mine --preset voc --voc-root DATA --classifier runs/voc/classifier --out runs/voc/mining "
-               "--device cuda"))
-    m.add_argument('--classifier', required=True, metavar='DIR', help="a train-classifier output folder")
-    m.add_argument('--out', required=True, metavar='DIR', help="output folder (mining_result.pt, summary.json, "
-                   "mining_state.pt, features/ for VOC)")
+    classifier = ('--classifier', "a train-classifier output folder")
+    m = _stage_command(add, 'mine', [data, run], "Stage 1: Algorithm 1, object-adaptive region mining with the multi-scale "
+                       "schedule, on the frozen classifier's features.", "multiminer mine --preset voc --voc-root DATA "
+                       "--classifier runs/voc/classifier --out runs/voc/mining --device cuda", classifier,
+                       "mining_result.pt, summary.json, mining_state.pt, features/ for VOC")
     m.add_argument('--resume', action='store_true', help="continue from mining_state.pt in --out")
     m.add_argument('--force', action='store_true', help="replace the run in --out instead of refusing it")
     m.add_argument('--max-steps', type=_int_at_least(1), metavar='N', help="cap on the mining steps (default: the preset's)")
@@ -162,13 +166,10 @@ def _mining_commands(add, data, train, run):
     m.add_argument('--snapshots', action='store_true', help="Fig. 6, segmentation version: after every step T, save the "
                    "pool of steps 1..T merged (snapshots/step_<T>.pt, uint8) for `pseudo-labels --steps T`")
 
-    r = add('erase', [data, run], "Baseline: fixed-step erasing (every object erased for the same number of steps) on "
-            "the frozen classifier's features, for comparison with `mine`; `pseudo-labels --mining` reads its folder.",
-            _example("multiminer erase --preset voc --voc-root DATA --classifier runs/voc/classifier --out runs/voc/erasing "
-               "--device cuda"))
-    r.add_argument('--classifier', required=True, metavar='DIR', help="a train-classifier output folder")
-    r.add_argument('--out', required=True, metavar='DIR', help="output folder (mining_result.pt, summary.json, "
-                   "features/ for VOC)")
+    r = _stage_command(add, 'erase', [data, run], "Baseline: fixed-step erasing (every object erased for the same number of "
+                       "steps) on the frozen classifier's features, for comparison with `mine`; `pseudo-labels --mining` reads "
+                       "its folder.", "multiminer erase --preset voc --voc-root DATA --classifier runs/voc/classifier "
+                       "--out runs/voc/erasing --device cuda", classifier, "mining_result.pt, summary.json, features/ for VOC")
     r.add_argument('--force', action='store_true', help="replace the run in --out instead of refusing it")
     r.add_argument('--steps', type=_int_at_least(1), metavar='K', help="erasing steps, the same for every object "
                    "(default 3, the demo's)")
@@ -176,12 +177,10 @@ def _mining_commands(add, data, train, run):
 # %% ../nbs/11_cli.ipynb #8dd9ddf4
 def _label_commands(add, quiet, data, train, run):
     "`pseudo-labels`, `train-seg` and `evaluate`: stages 2 to 4."
-    q = add('pseudo-labels', [quiet], "Stage 2: pseudo masks from the merged region maps (Eq. 7), with "
-            "optional saliency background cues and dense CRF; their mIoU against the ground truth.",
-            _example("multiminer pseudo-labels --mining runs/voc/mining --out runs/voc/pseudo --saliency DATA/saliency --crf"))
-    q.add_argument('--mining', required=True, metavar='DIR', help="a mine output folder")
-    q.add_argument('--out', required=True, metavar='DIR', help="output folder (masks/*.png for VOC, "
-                   "pseudo_masks.pt for synthetic data, summary.json)")
+    q = _stage_command(add, 'pseudo-labels', [quiet], "Stage 2: pseudo masks from the merged region maps (Eq. 7), with "
+                       "optional saliency background cues and dense CRF; their mIoU against the ground truth.",
+                       "multiminer pseudo-labels --mining runs/voc/mining --out runs/voc/pseudo --saliency DATA/saliency --crf",
+                       ('--mining', "a mine output folder"), "masks/*.png for VOC, pseudo_masks.pt for synthetic data, summary.json")
     q.add_argument('--force', action='store_true', help="replace the pseudo masks in --out instead of refusing them")
     q.add_argument('--steps', type=_int_at_least(1), metavar='T', help="merge only the first T mining steps (Fig. 6; "
                    "needs a `mine --snapshots` folder; default: every step that was run)")
@@ -198,16 +197,16 @@ def _label_commands(add, quiet, data, train, run):
 
     s = add('train-seg', [data, train, run], "Stage 3: train the segmentation network on the images and their "
             "pseudo masks.",
-            _example("multiminer train-seg --preset voc --model deeplab-largefov --voc-root DATA --pseudo runs/voc/pseudo "
-               "--out runs/voc/seg --device cuda"))
+            "multiminer train-seg --preset voc --model deeplab-largefov --voc-root DATA --pseudo runs/voc/pseudo "
+            "--out runs/voc/seg --device cuda")
     s.add_argument('--model', choices=SEG_MODELS, help="default: deeplab-largefov for --preset voc, small for synthetic")
     s.add_argument('--pseudo', required=True, metavar='DIR', help="a pseudo-labels output folder")
     s.add_argument('--out', required=True, metavar='DIR', help="output folder (model.pt, checkpoint.pt, history.json)")
 
     e = add('evaluate', [data, run], "Stage 4: mIoU of a trained segmentation network (whole images, "
             "optional multi-scale + flip and dense CRF).",
-            _example("multiminer evaluate --preset voc --voc-root DATA --seg runs/voc/seg --split val --crf "
-               "--out runs/voc/eval --device cuda"))
+            "multiminer evaluate --preset voc --voc-root DATA --seg runs/voc/seg --split val --crf "
+            "--out runs/voc/eval --device cuda")
     e.add_argument('--seg', required=True, metavar='DIR', help="a train-seg output folder")
     e.add_argument('--split', choices=('val', 'train', 'train_aug', 'test'), default='val', help="default val; "
                    "'test' (VOC only): the VOC 2012 test images, no labels: their predictions are written as palette "
@@ -232,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
     run, quiet, data, train = _parents()
-    add = lambda name, parents, help, epilog: sub.add_parser(
-        name, parents=parents, help=help, description=help, epilog=epilog,
+    add = lambda name, parents, help, example: sub.add_parser(
+        name, parents=parents, help=help, description=help, epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _demo_commands(add)
     _mining_commands(add, data, train, run)
     add_bench_args(add('bench', [], "Benchmark: mining's cost (cached features against re-extraction, per image, per step), "
                        "memory per image, fraction of the machine's measured peak, CRF and network throughput; writes bench.json.",
-                       _example("multiminer bench --quick --out runs/bench")))
+                       "multiminer bench --quick --out runs/bench"))
     _label_commands(add, quiet, data, train, run)
     return p
 
@@ -384,9 +383,7 @@ def _on_classifier(args, stage, config, resume=False):
 # %% ../nbs/11_cli.ipynb #690f7695
 def _frozen_classifier(args, r):
     "The classifier of `r` (an `_on_classifier` record) loaded (a damaged or crafted file named, nothing run), checked and frozen; the images, labels and ids to mine."
-    load_stage_file(r.clf_dir/CHECKPOINT_NAME, 'train-classifier')
-    with reading_stage_file(r.clf_dir/CHECKPOINT_NAME, 'train-classifier'): clf = load_classifier(r.clf_dir, device=args.device)
-    check_finite(clf, r.clf_dir/CHECKPOINT_NAME, 'train-classifier')
+    clf = load_stage_network(r.clf_dir, CHECKPOINT_NAME, 'train-classifier', load_classifier, args.device)
     if clf.n_classes != r.ds.n_classes:
         raise UserError(f"the classifier in {r.clf_dir} has {clf.n_classes} classes but the data has {r.ds.n_classes}")
     images, labels = mining_inputs(r.ds, r.spec['kind'] == 'voc', not args.quiet)
@@ -587,12 +584,9 @@ MULTI_SCALES = (0.75, 1.0, 1.25)
 # %% ../nbs/11_cli.ipynb #491d5a23
 def _eval_data(args, spec):
     "(data set, images, masks or None, class names) of evaluate's --split: the VOC test images, a VOC split, or a synthetic one."
-    if args.split == 'test':
-        if spec['kind'] != 'voc': raise UserError("--split test is the VOC 2012 test set: only with VOC data")
-        ds = VOCTestImages(spec)
-        return ds, ds, None, VOC_CLASSES
+    if args.split == 'test' and spec['kind'] != 'voc': raise UserError("--split test is the VOC 2012 test set: only with VOC data")
     if spec['kind'] == 'voc':
-        ds = voc_split(spec, args.split)
+        ds = VOCTestImages(spec) if args.split == 'test' else voc_split(spec, args.split)
         return ds, ds, None, VOC_CLASSES
     ds = synthetic_split(spec, args.split, args.n_val)
     return ds, ds.images, ds.masks, ['background'] + ds.class_names
@@ -611,9 +605,7 @@ def cmd_evaluate(args, argv=()):
         raise UserError(f"{result_file} exists: pass --force to replace it, or choose another --out")
     spec, preset, seed, input_size = resolve_data(args, up)
     ds, images, masks, class_names = _eval_data(args, spec)
-    load_stage_file(seg/'model.pt', 'train-seg')
-    with reading_stage_file(seg/'model.pt', 'train-seg'): model = load_segmentation_model(seg, device=args.device)
-    check_finite(model, seg/'model.pt', 'train-seg')
+    model = load_stage_network(seg, 'model.pt', 'train-seg', load_segmentation_model, args.device)
     if model.n_classes != len(class_names):
         raise UserError(f"the network in {seg} has {model.n_classes} outputs but the data has {len(class_names)} classes "
                        f"(background included)")

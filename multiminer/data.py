@@ -122,8 +122,18 @@ def _check_range(name, r, lo, hi, integer=False, positive=False, who='SyntheticS
                          f"{'integers' if integer else 'numbers'} with {low} <= high <= {hi}; got {r!r}")
     return (int(r[0]), int(r[1])) if integer else (float(r[0]), float(r[1]))
 
+# %% ../nbs/01_data.ipynb #c30c94a9
+class _SyntheticSet(Dataset):
+    "What the synthetic sets share: items (image, labels, mask) by index, and a repr of the arguments that fix them."
+    def __len__(self): return self.n_images
+    def __getitem__(self, i): return self.images[i], self.labels[i], self.masks[i]
+    def _repr_extra(self): return ''
+    def __repr__(self):
+        return (f"{type(self).__name__}(n_images={self.n_images}, n_classes={self.n_classes}, "
+                f"image_size={self.image_size}, seed={self.seed}{self._repr_extra()})")
+
 # %% ../nbs/01_data.ipynb #f82a5284
-class SyntheticShapes(Dataset):
+class SyntheticShapes(_SyntheticSet):
     "Seeded synthetic segmentation set: objects with a small discriminative part and a larger, subtler body, on cluttered backgrounds. Items: (image (3,H,W) in [0,1], labels (C,), mask (H,W) int64)."
     _CHUNK = 64  # images rendered at once (fixed: the noise stream depends on it)
 
@@ -171,12 +181,6 @@ class SyntheticShapes(Dataset):
         self.class_names = _class_names(self.n_classes)
         self._draw()
         self._render()
-
-    def __len__(self): return self.n_images
-    def __getitem__(self, i): return self.images[i], self.labels[i], self.masks[i]
-    def __repr__(self):
-        return (f"{type(self).__name__}(n_images={self.n_images}, n_classes={self.n_classes}, "
-                f"image_size={self.image_size}, seed={self.seed})")
 
 # %% ../nbs/01_data.ipynb #ca64496e
 @patch
@@ -481,7 +485,7 @@ def _scene_config(who, n_classes, objects, part_saturation, part_contrast, **kw)
     return cfg
 
 # %% ../nbs/01_data.ipynb #44dc12c4
-class SyntheticScenes(Dataset):
+class SyntheticScenes(_SyntheticSet):
     "Seeded VOC-like scenes: irregular, soft-edged objects made of class-specific parts (a most discriminative head; more parts for larger objects) on textured, cluttered backgrounds that share their colours and sometimes show a class's habitat. Items: (image (3,H,W) in [0,1], labels (C,), mask (H,W) int64)."
     _CHUNK = 64  # images rendered at once (fixed: the random stream of the rendering depends on it)
     _who = 'SyntheticScenes'
@@ -534,11 +538,7 @@ class SyntheticScenes(Dataset):
         self._draw()
         self._render()
 
-    def __len__(self): return self.n_images
-    def __getitem__(self, i): return self.images[i], self.labels[i], self.masks[i]
-    def __repr__(self):
-        return (f"{type(self).__name__}(n_images={self.n_images}, n_classes={self.n_classes}, "
-                f"image_size={self.image_size}, seed={self.seed}, objects={self.config['objects']!r}, class_seed={self.class_seed})")
+    def _repr_extra(self): return f", objects={self.config['objects']!r}, class_seed={self.class_seed}"
 
 # %% ../nbs/01_data.ipynb #504e0307
 def _layer_look(g, shape, cfg, classes, cls, typical):

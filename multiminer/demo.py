@@ -381,6 +381,70 @@ def plot_headroom(hr:dict, path=None):
     if path: fig.savefig(path, dpi=80); plt.close(fig)
     return fig
 
+# %% ../nbs/09_demo.ipynb #e028cae8
+def _miou_by_steps(S, n_images, n_classes, labels, masks, progress):
+    "The callback after each mining step that records `miou_merged`, the pseudo-mask mIoU (threshold cue) of the steps so far merged, in the step's history."
+    def by_steps(miner):
+        r = miner.result(n_images, n_classes)
+        miner.state.history[-1]['miou_merged'] = pseudo_miou(r.strength(), labels, masks, S.bg_threshold('multiminer'))
+        say(progress, f"   pseudo-mask mIoU of the first {miner.state.t} steps merged: {miner.state.history[-1]['miou_merged']:.1f}")
+    return by_steps
+
+# %% ../nbs/09_demo.ipynb #062aca0a
+def _demo_metrics(S, scores, pm, result, masks, areas, saliency_fg_iou) -> dict:
+    "The measurements of `run_demo`'s pseudo masks (`scores`, `pm`: per method and cue) and of its mining `result`."
+    spear = round(spearman(areas.numpy(), result.steps.numpy()), 4)
+    return dict(
+        pseudo_miou={k: {cue: round(s[0], 2) for cue, s in v.items()} for k, v in scores.items()},
+        ignored_percent={k: round(v['saliency'][1], 2) for k, v in scores.items()},
+        iou_by_size={k: by_size(object_iou(v['saliency'], masks, result.objects), areas) for k, v in pm.items()},
+        miou_by_steps=[round(h['miou_merged'], 2) for h in result.history],
+        miou_by_steps_kind='pseudo-mask mIoU, threshold cue (the segmentation version: segmentation_by_steps)',
+        steps_size_spearman=spear,
+        steps_size_spearman_no_area_test=spear if S.mining.min_region == 0 else None,
+        steps_histogram={int(k): int(v) for k, v in zip(*torch.unique(result.steps, return_counts=True))},
+        steps_by_size=by_size(result.steps.float(), areas),
+        stop_reasons=result.stop_reasons(),
+        outside_ratio_by_size=by_size(outside_ratio(result, masks), areas),
+        saliency_fg_iou=saliency_fg_iou,
+        n_objects=len(result.objects), mining_steps_run=len(result.history))
+
+# %% ../nbs/09_demo.ipynb #1669eb41
+def _spearman_no_area_test(S, clf, bank, labels, areas, out, device, resume, saliency) -> float:
+    "Spearman(object area, T_j) of mining with the area test off (min_region=0), in `out/mining_no_area_test`."
+    cfg0 = MiningConfig(**{**asdict(S.mining), 'min_region': 0., 'keep_step_maps': 0})
+    r0 = MultiMiner(clf.modulator, cfg0, device=device).run(bank, labels, out_dir=out/'mining_no_area_test', resume=resume, progress=False,
+                                                            saliency=saliency)
+    return round(spearman(areas.numpy(), r0.steps.numpy()), 4)
+
+# %% ../nbs/09_demo.ipynb #7b50d8ba
+def _segment_each(S, images, masks, pm, n_classes, image_size, seed, out, device, resume, progress) -> dict:
+    "Segmentation mIoU on the validation split (seed + 100000) of networks trained on each method's saliency-cue masks and on `masks`."
+    val = make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
+    seg = {}
+    for name in METHODS + ('ground_truth',):
+        target = masks if name == 'ground_truth' else pm[name]['saliency']
+        seg[name] = train_and_score(S, name, images, target, val, n_classes, out, device, resume)
+        say(progress, f"   segmentation mIoU, trained on {name:14s} {seg[name]:5.1f}")
+    return seg
+
+# %% ../nbs/09_demo.ipynb #7c32e53c
+def _calibration(metrics, crf, segmentation) -> dict:
+    "`metrics`' calibration figures: CAM's mIoU, the CRF's gain on it, ground-truth segmentation minus it, and `premise(metrics['headroom'])`."
+    cal = dict(cam_threshold=metrics['pseudo_miou']['cam']['threshold'])
+    if crf: cal['crf_gain_on_cam'] = round(metrics['pseudo_miou']['cam']['crf'] - cal['cam_threshold'], 2)
+    if segmentation: cal['ground_truth_seg_minus_cam'] = round(metrics['segmentation_miou']['ground_truth'] - cal['cam_threshold'], 2)
+    return {**cal, **premise(metrics['headroom'])}
+
+# %% ../nbs/09_demo.ipynb #9f81e5df
+def _demo_figures(images, masks, result, areas, metrics, out):
+    "fig_steps, fig_miou_by_steps, fig_steps_vs_size, fig_probs_by_step and fig_headroom of a demo run, into `out`."
+    plot_steps(images, masks, result, path=out/'fig_steps.png')
+    plot_miou_by_steps(metrics['miou_by_steps'], path=out/'fig_miou_by_steps.png')
+    plot_steps_vs_size(areas.numpy(), result.steps.numpy(), path=out/'fig_steps_vs_size.png')
+    plot_probs_by_step(result, areas.numpy(), path=out/'fig_probs_by_step.png')
+    plot_headroom(metrics['headroom'], path=out/'fig_headroom.png')
+
 # %% ../nbs/09_demo.ipynb #e266c075
 def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu', resume=False,
              crf=True, segmentation=True, progress=True, data='scenes', settings:DemoSettings=None) -> dict:
@@ -396,10 +460,7 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
 
     t0 = time.time(); say(progress, f"== CAM; fixed-step erasing, {S.erasing.steps} steps for every object; multi-miner, "
                                      f"scales {S.mining.scales}, at most {S.mining.max_steps} steps")
-    def by_steps(miner):   # Fig. 6, the cheap version: pseudo-mask mIoU (threshold cue) of the first T steps merged
-        r = miner.result(n_images, n_classes)
-        miner.state.history[-1]['miou_merged'] = pseudo_miou(r.strength(), labels, masks, S.bg_threshold('multiminer'))
-        say(progress, f"   pseudo-mask mIoU of the first {miner.state.t} steps merged: {miner.state.history[-1]['miou_merged']:.1f}")
+    by_steps = _miou_by_steps(S, n_images, n_classes, labels, masks, progress)
     runs = {}
     strengths, result = run_methods(S, clf, bank, labels, image_size, device, out, resume, progress, by_steps, runs, saliency)
     stage('mining', t0)
@@ -412,21 +473,7 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
     for k, v in scores.items(): say(progress, f"   {k:14s} " + '  '.join(f"{cue} {s[0]:5.1f}" for cue, s in v.items()))
 
     areas = object_areas(masks, result.objects)
-    spear = round(spearman(areas.numpy(), result.steps.numpy()), 4)
-    metrics = dict(
-        pseudo_miou={k: {cue: round(s[0], 2) for cue, s in v.items()} for k, v in scores.items()},
-        ignored_percent={k: round(v['saliency'][1], 2) for k, v in scores.items()},
-        iou_by_size={k: by_size(object_iou(v['saliency'], masks, result.objects), areas) for k, v in pm.items()},
-        miou_by_steps=[round(h['miou_merged'], 2) for h in result.history],
-        miou_by_steps_kind='pseudo-mask mIoU, threshold cue (the segmentation version: segmentation_by_steps)',
-        steps_size_spearman=spear,
-        steps_size_spearman_no_area_test=spear if S.mining.min_region == 0 else None,
-        steps_histogram={int(k): int(v) for k, v in zip(*torch.unique(result.steps, return_counts=True))},
-        steps_by_size=by_size(result.steps.float(), areas),
-        stop_reasons=result.stop_reasons(),
-        outside_ratio_by_size=by_size(outside_ratio(result, masks), areas),
-        saliency_fg_iou=P['saliency_fg_iou'],
-        n_objects=len(result.objects), mining_steps_run=len(result.history))
+    metrics = _demo_metrics(S, scores, pm, result, masks, areas, P['saliency_fg_iou'])
     t0 = time.time(); say(progress, "== the gap, decomposed: threshold curves; fixed T, oracle T, stop rule; step overlap")
     hr = metrics['headroom'] = decompose(S, strengths, runs['erasing'], result, labels, masks, saliency)
     hr['crf_curve'] = dict(swept=False, seconds_one_threshold=round(crf_secs['crf'], 2) if crf else None, thresholds=len(THRESHOLDS))
@@ -436,33 +483,17 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
                        f"stop rule {hr['stop_rule']:.1f}; Spearman(oracle T, T_j) {hr['oracle_stop_spearman']:.2f}")
     if S.area_test_ablation and S.mining.min_region > 0:   # the ablation: the same mining with the area test off
         t0 = time.time(); say(progress, "== ablation: mining with the area test off (min_region=0)")
-        cfg0 = MiningConfig(**{**asdict(S.mining), 'min_region': 0., 'keep_step_maps': 0})
-        r0 = MultiMiner(clf.modulator, cfg0, device=device).run(bank, labels, out_dir=out/'mining_no_area_test', resume=resume, progress=False,
-                                                                saliency=saliency)
-        metrics['steps_size_spearman_no_area_test'] = round(spearman(areas.numpy(), r0.steps.numpy()), 4)
+        metrics['steps_size_spearman_no_area_test'] = _spearman_no_area_test(S, clf, bank, labels, areas, out, device, resume, saliency)
         stage('mining_no_area_test', t0)
 
     if segmentation:
         t0 = time.time(); say(progress, "== segmentation: trained on each method's saliency-cue masks and on ground truth, scored on a separate split")
-        val = make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
-        seg = {}
-        for name in METHODS + ('ground_truth',):
-            target = masks if name == 'ground_truth' else pm[name]['saliency']
-            seg[name] = train_and_score(S, name, images, target, val, n_classes, out, device, resume)
-            say(progress, f"   segmentation mIoU, trained on {name:14s} {seg[name]:5.1f}")
-        metrics['segmentation_miou'] = seg
+        metrics['segmentation_miou'] = _segment_each(S, images, masks, pm, n_classes, image_size, seed, out, device, resume, progress)
         stage('segmentation', t0)
-    cal = dict(cam_threshold=metrics['pseudo_miou']['cam']['threshold'])
-    if crf: cal['crf_gain_on_cam'] = round(metrics['pseudo_miou']['cam']['crf'] - cal['cam_threshold'], 2)
-    if segmentation: cal['ground_truth_seg_minus_cam'] = round(metrics['segmentation_miou']['ground_truth'] - cal['cam_threshold'], 2)
-    metrics['calibration'] = {**cal, **premise(hr)}
+    metrics['calibration'] = _calibration(metrics, crf, segmentation)
 
     t0 = time.time()
-    plot_steps(images, masks, result, path=out/'fig_steps.png')
-    plot_miou_by_steps(metrics['miou_by_steps'], path=out/'fig_miou_by_steps.png')
-    plot_steps_vs_size(areas.numpy(), result.steps.numpy(), path=out/'fig_steps_vs_size.png')
-    plot_probs_by_step(result, areas.numpy(), path=out/'fig_probs_by_step.png')
-    plot_headroom(hr, path=out/'fig_headroom.png')
+    _demo_figures(images, masks, result, areas, metrics, out)
     stage('figures', t0)
     secs['total'] = round(time.time() - t_all, 2)
     metrics['seconds'] = secs

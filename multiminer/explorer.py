@@ -41,6 +41,55 @@ def _hwc(image):
         raise ValueError(f"image must be (3, H, W) or (H, W, 3), got shape {a.shape}")
     return np.clip(a.transpose(1, 2, 0) if a.shape[0] == 3 and a.shape[-1] != 3 else a, 0, 1)
 
+# %% ../nbs/12_explorer.ipynb #66d4532a
+def _draw_object_panels(ta, img, g, cls, m, pseudo, bg_threshold, merged_title):
+    "The first four panels of the top row: the image with the object outlined, the ground truth, the merged strength `m` (the 'mined' contour at `bg_threshold`, the object dotted), the pseudo mask."
+    obj = g == cls + 1
+    ta[0].imshow(img); ta[0].contour(obj, levels=[0.5], colors='w', linewidths=0.8); ta[0].set_title('image\n(object outlined)', fontsize=FS)
+    ta[1].imshow(colorize_mask(torch.as_tensor(g))); ta[1].set_title(f"ground truth\nclass {cls + 1}, {int(obj.sum())} px", fontsize=FS)
+    ta[2].imshow(m, cmap='magma', vmin=0, vmax=1)
+    if bg_threshold is not None and (m >= bg_threshold).any() and (m < bg_threshold).any():
+        ta[2].contour(m, levels=[bg_threshold], colors='c', linewidths=0.8)
+    ta[2].contour(obj, levels=[0.5], colors='w', linewidths=0.5, linestyles='dotted')
+    ta[2].set_title(merged_title, fontsize=FS)
+    if pseudo is not None: ta[3].imshow(colorize_mask(torch.as_tensor(_np(pseudo)))); ta[3].set_title('pseudo mask\n(whole image)', fontsize=FS)
+    else: ta[3].text(0.5, 0.5, 'no pseudo\nmask', ha='center', va='center', fontsize=FS)
+    for a in ta[:4]: a.set_xticks([]); a.set_yticks([])
+
+# %% ../nbs/12_explorer.ipynb #6704ec05
+def _draw_judge(ax, probs, step, stop_step, stop_threshold):
+    "The judge's p(j | F^t) against the step, the stop marked with a cross and its threshold dashed; without a judge, a note."
+    if probs is not None and len(_np(probs)):
+        p = _np(probs).astype(float); ts = np.arange(1, len(p) + 1)
+        ax.plot(ts, p, 'o-', ms=3, lw=1)
+        ok = ~np.isnan(p)
+        if stop_step is not None and stop_step <= len(p) and ok[stop_step - 1]:
+            ax.plot([stop_step], [p[stop_step - 1]], 'rx', ms=7, mew=2)
+        if stop_threshold is not None: ax.axhline(stop_threshold, color='r', ls='--', lw=0.8)
+        ax.axvline(step, color='0.6', lw=0.8)
+        ax.set_xticks(ts); ax.set_ylim(-0.03, 1.03); ax.set_xlabel('step t', fontsize=FS); ax.tick_params(labelsize=FS)
+        ax.set_title('judge\n' + r'$p(j \mid F^t)$', fontsize=FS)
+    else:
+        ax.text(0.5, 0.5, 'no judge:\nnothing\ndecides when\nto stop', ha='center', va='center', fontsize=FS)
+        ax.set_xticks([]); ax.set_yticks([])
+
+# %% ../nbs/12_explorer.ipynb #fdb689c6
+def _draw_steps(ba, maps, step, stop_step, scales):
+    "One panel per step below the object: its region map and input scale, the stopping step's faded, none after it, the chosen step framed."
+    for t, a in enumerate(ba, 1):
+        a.set_xticks([]); a.set_yticks([])
+        if t > len(maps) or (stop_step is not None and t > stop_step):
+            for s in a.spines.values(): s.set_visible(False)
+            continue
+        done = t == stop_step
+        a.imshow(maps[t - 1], cmap='magma', vmin=0, vmax=1, alpha=0.35 if done else 1.)
+        r = f" @{int(scales[t - 1])}px" if len(scales) >= t else ''
+        a.set_title(f"step {t}{r}" + ("\nnot stored: stop" if done else ''), fontsize=FS, color='r' if done else 'k')
+        if t == step:
+            for s in a.spines.values(): s.set_color('c'); s.set_linewidth(2.5)
+    if not maps:
+        ba[0].text(0.05, 0.5, 'no per-step maps kept for this image', ha='left', va='center', fontsize=FS)
+
 # %% ../nbs/12_explorer.ipynb #c2f95430
 def draw_object(image,                  # (3, H, W) or (H, W, 3) in [0, 1]
                 gt,                     # (H, W) ground truth: 0 background, c+1 class c, 255 ignore
@@ -71,45 +120,10 @@ def draw_object(image,                  # (3, H, W) or (H, W, 3) in [0, 1]
     gs = fig.add_gridspec(1 + rows, 1, height_ratios=(1.3,) + (1,) * rows)
     ta = [fig.add_subplot(s) for s in gs[0].subgridspec(1, 5)]
     ba = [fig.add_subplot(s) for r in range(rows) for s in gs[1 + r].subgridspec(1, PER_ROW)]
-    obj = g == cls + 1
-    ta[0].imshow(img); ta[0].contour(obj, levels=[0.5], colors='w', linewidths=0.8); ta[0].set_title('image\n(object outlined)', fontsize=FS)
-    ta[1].imshow(colorize_mask(torch.as_tensor(g))); ta[1].set_title(f"ground truth\nclass {cls + 1}, {int(obj.sum())} px", fontsize=FS)
-    ta[2].imshow(m, cmap='magma', vmin=0, vmax=1)
-    if bg_threshold is not None and (m >= bg_threshold).any() and (m < bg_threshold).any():
-        ta[2].contour(m, levels=[bg_threshold], colors='c', linewidths=0.8)
-    ta[2].contour(obj, levels=[0.5], colors='w', linewidths=0.5, linestyles='dotted')
     last = step if stop_step is None else min(step, stop_step - 1)   # the stopping step's map is not merged
-    ta[2].set_title(f"merged\nsteps 1..{last}" if len(maps) else "merged\nregion", fontsize=FS)
-    if pseudo is not None: ta[3].imshow(colorize_mask(torch.as_tensor(_np(pseudo)))); ta[3].set_title('pseudo mask\n(whole image)', fontsize=FS)
-    else: ta[3].text(0.5, 0.5, 'no pseudo\nmask', ha='center', va='center', fontsize=FS)
-    for a in ta[:4]: a.set_xticks([]); a.set_yticks([])
-    ax = ta[4]
-    if probs is not None and len(_np(probs)):
-        p = _np(probs).astype(float); ts = np.arange(1, len(p) + 1)
-        ax.plot(ts, p, 'o-', ms=3, lw=1)
-        ok = ~np.isnan(p)
-        if stop_step is not None and stop_step <= len(p) and ok[stop_step - 1]:
-            ax.plot([stop_step], [p[stop_step - 1]], 'rx', ms=7, mew=2)
-        if stop_threshold is not None: ax.axhline(stop_threshold, color='r', ls='--', lw=0.8)
-        ax.axvline(step, color='0.6', lw=0.8)
-        ax.set_xticks(ts); ax.set_ylim(-0.03, 1.03); ax.set_xlabel('step t', fontsize=FS); ax.tick_params(labelsize=FS)
-        ax.set_title('judge\n' + r'$p(j \mid F^t)$', fontsize=FS)
-    else:
-        ax.text(0.5, 0.5, 'no judge:\nnothing\ndecides when\nto stop', ha='center', va='center', fontsize=FS)
-        ax.set_xticks([]); ax.set_yticks([])
-    for t, a in enumerate(ba, 1):
-        a.set_xticks([]); a.set_yticks([])
-        if t > len(maps) or (stop_step is not None and t > stop_step):
-            for s in a.spines.values(): s.set_visible(False)
-            continue
-        done = t == stop_step
-        a.imshow(maps[t - 1], cmap='magma', vmin=0, vmax=1, alpha=0.35 if done else 1.)
-        r = f" @{int(scales[t - 1])}px" if len(scales) >= t else ''
-        a.set_title(f"step {t}{r}" + ("\nnot stored: stop" if done else ''), fontsize=FS, color='r' if done else 'k')
-        if t == step:
-            for s in a.spines.values(): s.set_color('c'); s.set_linewidth(2.5)
-    if not maps:
-        ba[0].text(0.05, 0.5, 'no per-step maps kept for this image', ha='left', va='center', fontsize=FS)
+    _draw_object_panels(ta, img, g, cls, m, pseudo, bg_threshold, f"merged\nsteps 1..{last}" if len(maps) else "merged\nregion")
+    _draw_judge(ta[4], probs, step, stop_step, stop_threshold)
+    _draw_steps(ba, maps, step, stop_step, scales)
     if title: fig.suptitle(textwrap.fill(title, 80), fontsize=FS + 1)
     if note: fig.supxlabel(textwrap.fill(note, 90), fontsize=FS)
     return fig

@@ -7,10 +7,10 @@ __all__ = ['SYNTHETIC_SETS', 'N_VAL_SYNTHETIC', 'SNAPSHOTS', 'VOC_TEST_RESULTS',
            'train_saliency', 'saliency_maps', 'foreground_iou', 'prepare_inputs', 'run_erasing', 'run_methods',
            'all_pseudo_masks', 'train_and_score', 'synthetic_name', 'check_synthetic_memory', 'synthetic_split',
            'voc_split', 'stage_dataset', 'image_ids', 'need_file', 'load_stage_file', 'reading_stage_file',
-           'check_finite', 'try_resume', 'classifier_restore', 'segmentation_restore', 'save_mining_result',
-           'check_mining_result', 'load_mining_result', 'erasing_result', 'cached_feature_bank', 'mining_inputs',
-           'mining_bar', 'write_pseudo_masks', 'image_and_mask', 'pseudo_mask_jobs', 'load_pseudo_masks',
-           'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou', 'snapshot_hashes',
+           'check_finite', 'load_stage_network', 'try_resume', 'classifier_restore', 'segmentation_restore',
+           'save_mining_result', 'check_mining_result', 'load_mining_result', 'erasing_result', 'cached_feature_bank',
+           'mining_inputs', 'mining_bar', 'write_pseudo_masks', 'image_and_mask', 'pseudo_mask_jobs',
+           'load_pseudo_masks', 'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou', 'snapshot_hashes',
            'check_snapshot_steps', 'check_fig6_flags', 'by_steps_callback', 'write_test_predictions',
            'write_evaluation']
 
@@ -213,6 +213,14 @@ def check_finite(module, path, made_by):
     if bad is not None:
         raise UserError(f"{path} holds non-finite weights (nan or inf in {bad}): its training diverged or the file was "
                        f"edited; run `multiminer {made_by}` again (with --force)")
+
+# %% ../nbs/08a_pipeline.ipynb #fc5ab308
+def load_stage_network(folder, name, made_by, load, device='cpu'):
+    "`load(folder, device=device)`, the network that `multiminer made_by` wrote to `folder/name`, with a damaged, edited or diverged file named."
+    load_stage_file(folder/name, made_by)
+    with reading_stage_file(folder/name, made_by): net = load(folder, device=device)
+    check_finite(net, folder/name, made_by)
+    return net
 
 # %% ../nbs/08a_pipeline.ipynb #d23e6129
 def try_resume(path, made_by, restore):
