@@ -30,9 +30,10 @@ from .segmentation import SegConfig
 from .pipeline import (make_synthetic, prepare_inputs, run_erasing, run_methods, all_pseudo_masks,
                                  train_and_score)
 
-# %% ../nbs/09_demo.ipynb #8273722f
+# %% ../nbs/09_demo.ipynb #fd4bf561
 METHODS, CUES = ('cam', 'fixed_erasing', 'multiminer'), ('threshold', 'crf', 'saliency')
 
+# %% ../nbs/09_demo.ipynb #8273722f
 @dataclass
 class DemoSettings:
     "Everything the demo runs with; `for_args` builds it from the command-line arguments."
@@ -42,8 +43,8 @@ class DemoSettings:
     segmentation: SegConfig
     saliency: SegConfig             # the class-agnostic saliency network (SeeNet's stand-in)
     data: str = 'scenes'            # 'scenes' (SyntheticScenes) | 'shapes' (SyntheticShapes, the simple teaching set)
-    # "mined" thresholds on each method's strengths, one per cue, each the best on development seeds 100 and 101
-    # (the mean of their headroom.threshold_curve); the multi-miner's are post-processing: its stop rule keeps region_threshold
+    # "mined" thresholds on each method's strengths, one per cue, the best on development seeds 100 and 101 (the mean of their
+    # headroom.threshold_curve; the multi-miner's measured with the paper's mining); post-processing: mining keeps region_threshold
     bg_cam: float = 0.3             # threshold cue
     bg_fixed_erasing: float = 0.6
     bg_multiminer: float = 0.6      # on the multi-miner's strengths 1 - M^f
@@ -91,9 +92,7 @@ class DemoSettings:
         name = f"bg_{method}" + ('' if cue == 'threshold' else f"_{cue}")
         if not hasattr(self, name): raise ValueError(f"no background threshold for method {method!r}; use one of {METHODS}")
         return getattr(self, name)
-
-    def to_dict(self):
-        return json.loads(json.dumps(asdict(self), default=str))
+    def to_dict(self): return json.loads(json.dumps(asdict(self), default=str))
 
 # %% ../nbs/09_demo.ipynb #5332a7ae
 def check_demo_args(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu', **_):
