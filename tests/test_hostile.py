@@ -196,6 +196,8 @@ def _mask_value(v, value):
     (lambda v, b: (v/'SegmentationClass'/'a1.png').unlink(), ['1 of 6 masks', 'SegmentationClass/a1.png']),
     (lambda v, b: (b/'cls'/'s1.mat').unlink(), ['1 of 6 masks', 'cls/s1.mat']),
     (lambda v, b: (v/'JPEGImages'/'a1.jpg').write_bytes(b''), ['cannot read the image', 'JPEGImages/a1.jpg']),
+    (lambda v, b: Image.new('RGB', (4100, 1100)).save(v/'JPEGImages'/'a1.jpg'),
+     ['JPEGImages/a1.jpg is 4100 x 1100 pixels', 'MAX_IMAGE_PIXELS', 'resize it']),
     (lambda v, b: (v/'ImageSets/Segmentation/train.txt').write_text('a1\na2\na1\n'),
      ['train.txt', "the id 'a1' is listed twice (lines 1 and 3)"]),
     (lambda v, b: (v/'ImageSets/Segmentation/train.txt').write_text('a1\n../../x\n'), ['train.txt, line 2', 'not an image id']),
