@@ -9,7 +9,7 @@ __all__ = ['normalized_cam', 'ErasingConfig', 'ErasingResult', 'fixed_erasing']
 import copy, time
 from dataclasses import dataclass, field
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import nn
 from .core import mask_features
 from .mining import fit_modulator, MiningConfig
@@ -26,7 +26,7 @@ def normalized_cam(modulator:nn.Module,     # a `ParallelModulator`
     for i in range(0, len(feats), batch_size):
         f = feats[i:i+batch_size].to(device, torch.float32)
         if masks is not None: f = mask_features(f, masks[i:i+batch_size].to(device))
-        cam = F.relu(modulator.cam(f))
+        cam = nnf.relu(modulator.cam(f))
         out.append((cam / cam.amax((2, 3), keepdim=True).clamp_min(1e-5)).cpu())
     return torch.cat(out)
 
@@ -71,7 +71,7 @@ class ErasingResult:
 
 # %% ../nbs/06_baselines.ipynb #45b81bbf
 def _resize(x, size):
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
+    return x if tuple(x.shape[-2:]) == tuple(size) else nnf.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
 
 def fixed_erasing(modulator:nn.Module, bank, labels:torch.Tensor, cfg:ErasingConfig,
                   device='cpu', progress:bool=True, keep_steps:bool=False) -> ErasingResult:

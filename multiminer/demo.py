@@ -16,7 +16,7 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 import matplotlib.pyplot as plt
 from scipy.stats import spearmanr
 from .data import IGNORE_INDEX, colorize_mask
@@ -153,7 +153,7 @@ def object_iou(pred, masks, objects, chunk:int=512) -> torch.Tensor:
 
 def outside_ratio(result, masks) -> torch.Tensor:
     "Per object: its mined area (M^f < region_threshold, at image resolution) outside the object, over the object's area."
-    M = F.interpolate(result.merged[:, None], size=tuple(masks.shape[-2:]), mode='bilinear', align_corners=False)[:, 0]
+    M = nnf.interpolate(result.merged[:, None], size=tuple(masks.shape[-2:]), mode='bilinear', align_corners=False)[:, 0]
     mined = M < result.region_threshold
     i, c = result.objects[:, 0], result.objects[:, 1]
     obj = masks[i] == (c + 1)[:, None, None]
@@ -205,7 +205,7 @@ def mining_step_strengths(result) -> torch.Tensor:
     if not result.step_maps or len(result.step_maps[0]['maps']) != len(result.objects):
         raise ValueError("mining_step_strengths: needs every object's map at every step; mine with MiningConfig(keep_step_maps=-1)")
     size = tuple(result.merged.shape[-2:])
-    up = lambda m: F.interpolate(m.float()[:, None] / 255, size=size, mode='bilinear', align_corners=False)[:, 0]
+    up = lambda m: nnf.interpolate(m.float()[:, None] / 255, size=size, mode='bilinear', align_corners=False)[:, 0]
     return torch.stack([1 - up(sm['maps']).clamp(0, 1) for sm in result.step_maps])
 
 def mining_stored(result) -> torch.Tensor:

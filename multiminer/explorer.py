@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from matplotlib.figure import Figure
 import ipywidgets as widgets
 from IPython.display import Image, display, clear_output
@@ -135,7 +135,7 @@ def _up(x, size):
     "Bilinear resize of (n, h, w) maps to `size` (H, W)."
     x = x.float()
     if tuple(x.shape[-2:]) == tuple(size): return x
-    return F.interpolate(x[:, None], size=tuple(size), mode='bilinear', align_corners=False)[:, 0].clamp(0, 1)
+    return nnf.interpolate(x[:, None], size=tuple(size), mode='bilinear', align_corners=False)[:, 0].clamp(0, 1)
 
 @dataclass
 class ExplorerData:

@@ -11,7 +11,7 @@ import copy, time, os
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from torch import nn
 from fastcore.basics import patch
 from .core import region_map, mask_features, size_regularizer, generator_loss, merge_region_maps, input_scale
@@ -111,7 +111,7 @@ def image_masks(pool:torch.Tensor,     # (n_obj, h, w) running minimum of each o
 def _resize_maps(m, size):
     "Resize (n, h, w) maps to `size` bilinearly (Sec. 3.2)."
     if tuple(m.shape[-2:]) == tuple(size): return m
-    return F.interpolate(m[:, None], size=tuple(size), mode='bilinear', align_corners=False)[:, 0]
+    return nnf.interpolate(m[:, None], size=tuple(size), mode='bilinear', align_corners=False)[:, 0]
 
 # %% ../nbs/05_mining.ipynb #a595e4d2
 @dataclass
@@ -145,7 +145,7 @@ def fit_modulator(modulator:nn.Module, opt, feats:torch.Tensor, masks:torch.Tens
         for b in batch_indices(len(feats) if pool is None else len(pool), batch_size, rng):
             idx = shard(b if pool is None else pool[b])                                        # all of b in one process
             Ft = mask_features(feats[idx].to(device, torch.float32), masks[idx].to(device))   # F^t, Eq. 1
-            loss = F.binary_cross_entropy_with_logits(net(Ft), labels[idx].to(device))        # L_cls, Eq. 2
+            loss = nnf.binary_cross_entropy_with_logits(net(Ft), labels[idx].to(device))        # L_cls, Eq. 2
             loss = global_mean(loss, len(idx), len(b))
             opt.zero_grad(); loss.backward(); opt.step()
             tot, n = tot + loss.item() * len(b) / world_size(), n + len(b)
@@ -208,7 +208,7 @@ def generator_step_loss(self:MultiMiner, Ft, y, modulator=None, generator=None):
         b, j = pos.nonzero(as_tuple=True)
         s = mod(mask_features(Ft[b], Mt[b, j][:, None]))[torch.arange(len(b)), j]
     # L_cls(F~^t) on the positive categories: the generator wins when the modulator stops recognising them
-    cls = F.binary_cross_entropy_with_logits(s, torch.ones_like(s)) if len(s) else Mt.sum() * 0
+    cls = nnf.binary_cross_entropy_with_logits(s, torch.ones_like(s)) if len(s) else Mt.sum() * 0
     reg = size_regularizer(Mt, y, normalize=self.cfg.normalize_reg)      # L_reg, Eq. 5
     cls, reg = global_mean(cls, len(s)), global_mean(reg, len(y))   # means over the whole batch (as they are, in one process)
     return generator_loss(cls, reg, self.cfg.lam), cls.detach(), reg.detach()

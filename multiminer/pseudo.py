@@ -10,7 +10,7 @@ __all__ = ['SALIENCY_BG', 'SALIENCY_MODES', 'pseudo_masks', 'strongest_class', '
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from PIL import Image
 from .runtime import UserError
 
@@ -40,7 +40,7 @@ def _upsample(x, size):
     "Bilinear resize of (N,C,h,w) to `size`; a no-op at that size already."
     size = _hw(size)
     if tuple(x.shape[-2:]) == size: return x
-    return F.interpolate(x, size=size, mode='bilinear', align_corners=False).clamp_(0, 1)
+    return nnf.interpolate(x, size=size, mode='bilinear', align_corners=False).clamp_(0, 1)
 
 def _check_saliency(saliency, shape):
     saliency = torch.as_tensor(saliency).float()
