@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'VOC_PALETTE', 'VOC_URL', 'SBD_URL', 'MAX_IMAGE_PIXELS', 'IMAGENET_MEAN',
            'IMAGENET_STD', 'labels_from_mask', 'colorize_mask', 'SyntheticShapes', 'SyntheticScenes', 'cam_coverage',
-           'coverage_by_size', 'resolve_roots', 'read_image_file', 'read_mask_file', 'image_file_size', 'VOCSegDataset',
+           'coverage_by_size', 'resolve_roots', 'image_file_size', 'read_image_file', 'read_mask_file', 'VOCSegDataset',
            'split_text', 'read_split_list', 'voc_dataset', 'voc_transforms', 'make_voc_fixture', 'synthetic_bytes',
            'voc_image', 'VOCImages', 'save_mask_png', 'PseudoMaskDataset', 'VOCTestImages']
 
@@ -955,22 +955,22 @@ def _unreadable(kind, path, e):
 # %% ../nbs/01_data.ipynb #76ce7418
 MAX_IMAGE_PIXELS = 2048 * 2048   # 17x VOC's largest image (500 x 500): what the loaders read; a larger one is refused
 
+def image_file_size(path) -> tuple:
+    "(H, W) of an image file from its header alone (nothing is decoded); a damaged file, or one over `MAX_IMAGE_PIXELS`, is a `ValueError` that names it."
+    try:
+        with Image.open(path) as im: w, h = im.size
+    except Exception as e: raise _unreadable('image', path, e) from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"the image {path} is {w} x {h} pixels, over the {MAX_IMAGE_PIXELS:,} that an image may have "
+                         f"(MAX_IMAGE_PIXELS; one such image costs gigabytes in the dense CRF); resize it, or leave its id out of the split")
+    return h, w
+
 def read_image_file(path) -> np.ndarray:
     "An image file as (H, W, 3) uint8 RGB; a damaged or truncated file, or one over `MAX_IMAGE_PIXELS`, is a `ValueError` that names it."
+    image_file_size(path)                                   # the header alone first: a damaged or too large file is refused undecoded
     try:
-        with Image.open(path) as im:
-            w, h = im.size                                  # from the header: nothing is decoded yet
-            _check_pixels(path, w, h)
-            return np.asarray(im.convert('RGB'))
-    except _TooLarge: raise
+        with Image.open(path) as im: return np.asarray(im.convert('RGB'))
     except Exception as e: raise _unreadable('image', path, e) from None
-
-class _TooLarge(ValueError): "An image over MAX_IMAGE_PIXELS."
-
-def _check_pixels(path, w, h):
-    if w * h > MAX_IMAGE_PIXELS:
-        raise _TooLarge(f"the image {path} is {w} x {h} pixels, over the {MAX_IMAGE_PIXELS:,} that an image may have "
-                        f"(MAX_IMAGE_PIXELS; one such image costs gigabytes in the dense CRF); resize it, or leave its id out of the split")
 
 # %% ../nbs/01_data.ipynb #4cfc70e2
 def read_mask_file(path) -> np.ndarray:
@@ -987,14 +987,6 @@ def read_mask_file(path) -> np.ndarray:
                          f"not (H, W): a mask is one channel of class indices (a palette or grey-scale PNG, as in VOC's "
                          f"SegmentationClass), not a colour picture; convert its colours to class indices")
     return mask
-
-def image_file_size(path) -> tuple:
-    "(H, W) of an image file from its header alone (nothing is decoded); one over `MAX_IMAGE_PIXELS` is refused as by `read_image_file`."
-    try:
-        with Image.open(path) as im: w, h = im.size
-    except Exception as e: raise _unreadable('image', path, e) from None
-    _check_pixels(path, w, h)
-    return h, w
 
 # %% ../nbs/01_data.ipynb #3bdb7a60
 class VOCSegDataset(Dataset):
