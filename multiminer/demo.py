@@ -69,7 +69,7 @@ class DemoSettings:
             scales = [image_size]
             for f in (7 / 6, 4 / 3): scales.append(max(scales[-1] + 8, 8 * round(image_size * f / 8)))
             scales = tuple(scales)
-        # mining: the options chosen on development seeds 100 and 101 (05_mining, 'Steps that advance, and a stop test that tracks the oracle')
+        # mining: the options chosen on development seeds 100 and 101 (09a_mining_study, 'Steps that advance, and a stop test that tracks the oracle')
         mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=-1, max_steps=8, mask_input='hard', generator_init='each_step',
                                         stop_test='saliency', min_saliency=0.4, min_region=0.05,
                                         **({} if scales is None else dict(scales=scales)))
