@@ -16,7 +16,7 @@ from .mining import fit_modulator, MiningConfig
 
 # %% ../nbs/06_baselines.ipynb #5ea02cdc
 @torch.no_grad()
-def normalized_cam(modulator:nn.Module,     # a `ParallelModulator`
+def normalized_cam(modulator:nn.Module,     # a ParallelModulator
                    feats:torch.Tensor,       # (N, D, h, w) features
                    masks:torch.Tensor=None,  # optional (N, 1, h, w) multiplier applied first (erasing)
                    batch_size:int=128, device='cpu') -> torch.Tensor:  # (N, C, h, w) in [0, 1]

@@ -76,7 +76,7 @@ def size_regularizer(
 # %% ../nbs/00_core.ipynb #76c99f23
 def generator_loss(
     cls_loss,  # L_cls(F̃^t), the modulator's loss on the masked features (tensor or float)
-    reg,  # L_reg from `size_regularizer`
+    reg,  # L_reg from size_regularizer
     lam: float,  # trade-off λ
 ):  # L_g, same type as the inputs
     "Eq. 6: the generator maximises the modulator's loss, held back by the size regulariser: `-cls_loss + lam * reg`."

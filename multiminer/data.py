@@ -1203,6 +1203,7 @@ class VOCImages(Dataset):
 
 # %% ../nbs/01_data.ipynb #d5e1557f
 def save_mask_png(mask, path):
+    "Write a (H, W) mask of class indices to `path` as a VOC palette PNG (atomically)."
     im = Image.fromarray(mask.numpy().astype(np.uint8)); im.putpalette(VOC_PALETTE.flatten().tolist())
     with atomic_path(path, '.tmp.png') as tmp: im.save(tmp)
 

@@ -178,6 +178,7 @@ def image_ids(spec, n, ds=None) -> list:
 
 # %% ../nbs/08a_pipeline.ipynb #a34812f7
 def need_file(folder, name, made_by):
+    "`folder` as a Path when it holds the file `name`, which the command `made_by` writes; otherwise a UserError that says which folder to give."
     p = Path(folder)
     if p.is_file():
         raise UserError(f"{p} is a file: give the folder that holds {name} ({p.parent}, written by `multiminer {made_by}`)")

@@ -232,7 +232,7 @@ def _mask_probs(masks, present, confidence):
 def crf_refine(images,                     # (N,3,H,W) float in [0,1] or uint8
                strength_or_mask,           # (N,C,h,w) float strengths (HIGH = object) or (N,H,W) integer masks
                labels,                     # (N,C) multi-hot image labels
-               bg_threshold:float=0.3,     # as in `pseudo_masks` (strengths only)
+               bg_threshold:float=0.3,     # as in pseudo_masks (strengths only)
                saliency=None,              # optional (N,H,W) in [0,1], foreground high (strengths only)
                saliency_threshold:float=0.5,
                mask_confidence:float=0.7,  # probability given to a mask's label (masks only)
@@ -303,7 +303,7 @@ def image_pseudo_mask(image, strength, labels, bg_threshold, saliency, saliency_
 SALIENCY_MODES = ('1', 'L', 'LA', 'P', 'RGB', 'RGBA')    # 8-bit pictures; 16-bit or float ones would be clipped to 0..255
 
 def check_saliency_folder(folder, names, size_of=None):
-    "All missing saliency maps are reported now, with their count, not at image 5000; then each map's header: readable, 8-bit, the size `size_of(i)` (H, W) of its image."
+    "All missing saliency maps are reported at once, with their count, before any image is processed; then each map's header: readable, 8-bit, the size `size_of(i)` (H, W) of its image."
     if not Path(folder).is_dir():
         raise UserError(f"--saliency {folder}: no such folder (expected one grey-scale PNG per image, named <image id>.png)")
     missing = [n for n in names if not (Path(folder)/f"{n}.png").is_file()]
