@@ -71,7 +71,7 @@ class DemoSettings:
             scales = tuple(scales)
         # mining: the options chosen on development seeds 100 and 101 (09a_mining_study, 'Steps that advance, and a stop test that tracks the oracle')
         mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=-1, max_steps=8, mask_input='hard', generator_init='each_step',
-                                        stop_test='saliency', min_saliency=0.4, min_region=0.05,
+                                        stop_test='saliency', min_saliency=0.25, min_region=0.05,
                                         **({} if scales is None else dict(scales=scales)))
         seg = dict(crop_size=image_size, seed=seed, epochs=10, model_kwargs=dict(stride=stride))
         # scenes: the segmentation network at stride 8 for 24 epochs (1.3x the time of 10 epochs at stride 4, and far better

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['STOP_REASONS', 'MiningConfig', 'object_index', 'image_masks', 'MiningState', 'batch_indices', 'fit_modulator',
-           'MultiMiner', 'stop_decisions', 'region_saliency', 'MiningResult']
+           'MultiMiner', 'stop_decisions', 'region_saliency', 'mined_by_others', 'MiningResult']
 
 # %% ../nbs/05_mining.ipynb #c792bbc2
 import copy, time, os
@@ -43,7 +43,8 @@ class MiningConfig:
     mask_input: str = 'soft'             # what F^t hides (Eq. 1): 'soft' F ⊙ min M, the paper | 'hard' F ⊙ 1[min M >= region_threshold]
     generator_init: str = 'once'         # θ_g copies the modulator: 'once', before step 1 | 'each_step', the modulator just updated
     stop_test: str = 'modulator'         # Alg. 1 line 12: 'modulator', p(j | F^t) >= stop_threshold | 'saliency', see min_saliency
-    min_saliency: float = 0.4            # stop_test='saliency': the new mined region's mean saliency must reach this
+    min_saliency: float = 0.25           # stop_test='saliency': the new mined region's mean saliency must reach this
+    exclude_others: bool = True          # stop_test='saliency': positions another object of the image has mined count as background
     adversary: str = 'object'            # 'object': M~_j masks F^t for j's own classifier; 'joint': Eq. 4's min over all j
     half_features: bool = False          # store features in float16
     keep_step_maps: int = 0              # keep the per-step maps of the first n images (-1: all) for figures
@@ -88,7 +89,9 @@ def scale(self:MiningConfig, t):
     "r_t: Eq. 8 for a schedule, the one scale for a fixed-scale run."
     return self.scales[0] if len(self.scales) == 1 else input_scale(t, self.scales)
 @patch
-def batch_size(self:MiningConfig, t): return self.batch_sizes[min(t, len(self.scales)) - 1]
+def batch_size(self:MiningConfig, t):
+    "The batch size of step t: that of its scale, the last one's from step K on."
+    return self.batch_sizes[min(t, len(self.scales)) - 1]
 
 
 # %% ../nbs/05_mining.ipynb #f935d2c8
@@ -293,12 +296,23 @@ def stop_decisions(probs:torch.Tensor,        # (n,) the judge's p(j | F^t) of e
 # %% ../nbs/05_mining.ipynb #5130d50b
 def region_saliency(new:torch.Tensor,       # (n, h, w) bool: the positions each object's new map mines for the first time
                     saliency:torch.Tensor,  # (N, H, W) in [0, 1]: the saliency network's maps of the N images
-                    images:torch.Tensor     # (n,) the image index of each object
+                    images:torch.Tensor,    # (n,) the image index of each object
+                    others:torch.Tensor=None  # optional (n, h, w) bool: positions other objects of the image have mined, read as background
                    ) -> torch.Tensor:       # (n,) mean saliency over each new region, 0 where nothing is new
     "The saliency stop test's evidence: the mean saliency of the region a step would add, at the mining resolution."
     sal = _resize_maps(saliency, new.shape[-2:])[images]
+    if others is not None: sal = sal * ~others
     new = new.float()
     return (new * sal).flatten(1).sum(1) / new.flatten(1).sum(1).clamp(min=1)
+
+# %% ../nbs/05_mining.ipynb #51aa3cba
+def mined_by_others(mined:torch.Tensor,   # (n_obj, h, w) bool: each object's mined positions (its pool < region_threshold)
+                    images:torch.Tensor   # (n_obj,) the image index of each object
+                   ) -> torch.Tensor:     # (n_obj, h, w) bool: where another object of the same image has mined
+    "The positions each object's neighbours in its image have claimed: one count per image, minus the object's own."
+    if len(mined) == 0: return mined.clone()
+    count = torch.zeros((int(images.max()) + 1,) + tuple(mined.shape[-2:])).index_add_(0, images, mined.float())
+    return count[images] - mined.float() > 0
 
 # %% ../nbs/05_mining.ipynb #e1c1a2bb
 @patch
@@ -330,7 +344,8 @@ def step(self:MultiMiner, bank, labels, progress=False):
     if c.stop_test == 'saliency':
         if self.saliency is None:
             raise ValueError("MultiMiner.step: stop_test='saliency' needs the saliency maps; pass them to `run(..., saliency=...)`")
-        salient = region_saliency(newly, self.saliency, st.objects[which, 0])
+        others = mined_by_others(pool_r < c.region_threshold, st.objects[:, 0])[which] if c.exclude_others else None
+        salient = region_saliency(newly, self.saliency, st.objects[which, 0], others)
     reason = stop_decisions(probs, new_area, before.flatten(1).sum(1).float(), t, c.stop_threshold, c.min_region,
                             salient, c.min_saliency)
     broadcast_(reason)                                     # every rank takes rank 0's decisions (a no-op in one process)
@@ -432,6 +447,7 @@ def load(self:MultiMiner, path):
 # %% ../nbs/05_mining.ipynb #27979c6f
 @patch
 def result(self:MultiMiner, n_images, n_classes):
+    "The `MiningResult` of the state so far: pools at the largest scale, T_j, and why each object stopped (`cap` if still mining)."
     st = self.state
     reason = st.stop_reason.clone(); reason[st.active] = STOP_REASONS.index('cap')   # still mining when the run ended
     probs = torch.stack(st.probs) if st.probs else torch.zeros(0, len(st.objects))

@@ -217,7 +217,7 @@ def check_finite(module, path, made_by):
 
 # %% ../nbs/08a_pipeline.ipynb #fc5ab308
 def load_stage_network(folder, name, made_by, load, device='cpu'):
-    "`load(folder, device=device)`, the network that `multiminer made_by` wrote to `folder/name`, with a damaged, edited or diverged file named."
+    "`load(folder, device=device)`, the network that the command `made_by` wrote to `folder/name`, with a damaged, edited or diverged file named."
     load_stage_file(folder/name, made_by)
     with reading_stage_file(folder/name, made_by): net = load(folder, device=device)
     check_finite(net, folder/name, made_by)
