@@ -305,7 +305,7 @@ def region_saliency(new:torch.Tensor,       # (n, h, w) bool: the positions each
     new = new.float()
     return (new * sal).flatten(1).sum(1) / new.flatten(1).sum(1).clamp(min=1)
 
-# %% ../nbs/05_mining.ipynb #51aa3cba
+# %% ../nbs/05_mining.ipynb #d70e33a8
 def mined_by_others(mined:torch.Tensor,   # (n_obj, h, w) bool: each object's mined positions (its pool < region_threshold)
                     images:torch.Tensor   # (n_obj,) the image index of each object
                    ) -> torch.Tensor:     # (n_obj, h, w) bool: where another object of the same image has mined
