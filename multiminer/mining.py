@@ -284,7 +284,7 @@ def stop_decisions(probs:torch.Tensor,        # (n,) the judge's p(j | F^t) of e
                    mined_area:torch.Tensor,   # (n,) positions the object's pool has mined so far
                    t:int, stop_threshold:float, min_region:float,
                    salient:torch.Tensor=None, # (n,) mean saliency of the new mined region: given, it replaces the modulator's check
-                   min_saliency:float=0.4) -> torch.Tensor:   # (n,) index into STOP_REASONS
+                   min_saliency:float=0.25) -> torch.Tensor:   # (n,) index into STOP_REASONS
     "Alg. 1, line 12 — does M_j^t contain object regions? 0: yes, store it; 1: j is no longer recognised; 2: the map mines (almost) nothing new; 4: what it mines is not salient."
     reason = torch.zeros(len(probs), dtype=torch.long)
     if t == 1: return reason                          # the label says the object is there and nothing is mined yet
