@@ -554,7 +554,7 @@ def plot_steps(images, masks, result, n_objects=6, path=None, max_steps=5):
     for a in axs.flat: a.axis('off')
     fig.suptitle(f'region maps, the first {T} steps (bright = mined; faded: the object stopped)', fontsize=9)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=80); plt.close(fig)
+    if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
 def plot_miou_by_steps(miou_by_steps, path=None):
@@ -564,7 +564,7 @@ def plot_miou_by_steps(miou_by_steps, path=None):
     ax.plot(ts, miou_by_steps, 'o-'); ax.set_xticks(ts)
     ax.set_xlabel('steps merged, T'); ax.set_ylabel('pseudo-mask mIoU (%)'); ax.grid(alpha=.3)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=80); plt.close(fig)
+    if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
 def plot_steps_vs_size(areas, steps, path=None):
@@ -574,9 +574,9 @@ def plot_steps_vs_size(areas, steps, path=None):
     vals = sorted(set(steps.tolist()))
     ax.boxplot([areas[steps == v] for v in vals], positions=vals, widths=0.6, showfliers=False)
     ax.set_yscale('log'); ax.set_xlabel('mining steps $T_j$'); ax.set_ylabel('object area (px)')
-    ax.set_title(f'Spearman {spearman(areas, steps):.2f}', fontsize=8)
+    ax.set_title(f'Spearman {spearman(areas, steps):.2f}', fontsize=10)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=80); plt.close(fig)
+    if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
 # %% ../nbs/09_demo.ipynb #780a6d38
@@ -591,9 +591,9 @@ def plot_probs_by_step(result, areas, path=None):
         ax.plot(ts, P[:, k], '-', lw=0.6, alpha=0.5, color=cmap((a[k] - lo) / (hi - lo)))
     ax.set_xlabel('step t'); ax.set_ylabel('judge p(j | F^t)'); ax.set_xticks(ts); ax.set_ylim(-0.02, 1.02)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi)); fig.colorbar(sm, ax=ax, label='log10 area (px)')
-    ax.set_title('recognition per step (300 objects; a line ends where the object stopped)', fontsize=7)
+    ax.set_title('300 objects; a line ends at its stop', fontsize=10)
     fig.tight_layout()
-    if path: fig.savefig(path, dpi=80); plt.close(fig)
+    if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
 # %% ../nbs/09_demo.ipynb #hd000020
@@ -619,5 +619,5 @@ def plot_headroom(hr:dict, path=None):
         ax.set_ylim(0, 1); ax.set_xlabel('step t'); ax.set_ylabel('IoU with step t-1'); ax.set_title('how much of a step is old')
         for ax in axs: ax.grid(alpha=.3); ax.legend(fontsize=9)
         fig.tight_layout()
-    if path: fig.savefig(path, dpi=80); plt.close(fig)
+    if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
