@@ -44,13 +44,13 @@ class DemoSettings:
     saliency: SegConfig             # the class-agnostic saliency network (SeeNet's stand-in)
     data: str = 'scenes'            # 'scenes' (SyntheticScenes) | 'shapes' (SyntheticShapes, the simple teaching set)
     # "mined" thresholds on each method's strengths, one per cue, the best on development seeds 100 and 101 (the mean of their
-    # headroom.threshold_curve; the multi-miner's measured with the paper's mining); post-processing: mining keeps region_threshold
+    # headroom.threshold_curve; the multi-miner's with its final mining); post-processing: mining keeps region_threshold
     bg_cam: float = 0.3             # threshold cue
     bg_fixed_erasing: float = 0.6
-    bg_multiminer: float = 0.6      # on the multi-miner's strengths 1 - M^f
+    bg_multiminer: float = 0.5      # on the multi-miner's strengths 1 - M^f
     bg_cam_saliency: float = 0.05   # saliency cue
     bg_fixed_erasing_saliency: float = 0.1
-    bg_multiminer_saliency: float = 0.05
+    bg_multiminer_saliency: float = 0.5
     erasing_max_steps: int = 6      # erasing runs this many steps once; its result is the first `erasing.steps`, the rest feed `headroom`
     bg_cam_crf: float = 0.2         # ... of the probabilities the dense CRF starts from, for each method
     bg_fixed_erasing_crf: float = 0.35
@@ -71,7 +71,7 @@ class DemoSettings:
             scales = tuple(scales)
         # mining: the options chosen on development seeds 100 and 101 (09a_mining_study, 'Steps that advance, and a stop test that tracks the oracle')
         mining = MiningConfig.synthetic(image_size, seed=seed, keep_step_maps=-1, max_steps=8, mask_input='hard', generator_init='each_step',
-                                        stop_test='saliency', min_saliency=0.25, min_region=0.05,
+                                        stop_test='saliency', min_saliency=0.3, min_region=0.05,
                                         **({} if scales is None else dict(scales=scales)))
         seg = dict(crop_size=image_size, seed=seed, epochs=10, model_kwargs=dict(stride=stride))
         # scenes: the segmentation network at stride 8 for 24 epochs (1.3x the time of 10 epochs at stride 4, and far better

@@ -43,7 +43,7 @@ class MiningConfig:
     mask_input: str = 'soft'             # what F^t hides (Eq. 1): 'soft' F ⊙ min M, the paper | 'hard' F ⊙ 1[min M >= region_threshold]
     generator_init: str = 'once'         # θ_g copies the modulator: 'once', before step 1 | 'each_step', the modulator just updated
     stop_test: str = 'modulator'         # Alg. 1 line 12: 'modulator', p(j | F^t) >= stop_threshold | 'saliency', see min_saliency
-    min_saliency: float = 0.25           # stop_test='saliency': the new mined region's mean saliency must reach this
+    min_saliency: float = 0.3            # stop_test='saliency': the new mined region's mean saliency must reach this
     exclude_others: bool = True          # stop_test='saliency': positions another object of the image has mined count as background
     adversary: str = 'object'            # 'object': M~_j masks F^t for j's own classifier; 'joint': Eq. 4's min over all j
     half_features: bool = False          # store features in float16
@@ -284,7 +284,7 @@ def stop_decisions(probs:torch.Tensor,        # (n,) the judge's p(j | F^t) of e
                    mined_area:torch.Tensor,   # (n,) positions the object's pool has mined so far
                    t:int, stop_threshold:float, min_region:float,
                    salient:torch.Tensor=None, # (n,) mean saliency of the new mined region: given, it replaces the modulator's check
-                   min_saliency:float=0.25) -> torch.Tensor:   # (n,) index into STOP_REASONS
+                   min_saliency:float=0.3) -> torch.Tensor:   # (n,) index into STOP_REASONS
     "Alg. 1, line 12 — does M_j^t contain object regions? 0: yes, store it; 1: j is no longer recognised; 2: the map mines (almost) nothing new; 4: what it mines is not salient."
     reason = torch.zeros(len(probs), dtype=torch.long)
     if t == 1: return reason                          # the label says the object is there and nothing is mined yet
