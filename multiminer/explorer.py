@@ -205,6 +205,9 @@ def stop_note(data:ExplorerData, method:str, k:int) -> tuple:
     if why == 'not_recognised':
         return T + 1, (f"multi-miner: stopped at step {T + 1}: the judge gives p(j | F^t) = {p:.2f} < {cfg.stop_threshold}, "
                        f"the object is no longer recognised, so M_j^{T + 1} is not stored; T_j = {T}")
+    if why == 'not_salient':
+        return T + 1, (f"multi-miner: stopped at step {T + 1}: the region M_j^{T + 1} would add has a mean saliency below "
+                       f"min_saliency = {cfg.min_saliency} (it lies on background), so it is not stored; T_j = {T}")
     return T + 1, (f"multi-miner: stopped at step {T + 1}: M_j^{T + 1} mines less new area than min_region = {cfg.min_region} "
                    f"of what is mined so far (p = {p:.2f}); T_j = {T}")
 
@@ -233,7 +236,7 @@ def object_view(data:ExplorerData, method:str, i:int, c:int, cue:str='threshold'
     if not have: title += f" (per-step maps are kept for the first {len(steps[0]['maps'])} objects only)"
     return dict(image=data.images[i], gt=data.masks[i], cls=c, merged=merged, step_maps=maps, probs=probs,
                 pseudo=pseudo_mask(data, method, i, cue), step=step, stop_step=stop_step,
-                stop_threshold=data.settings.mining.stop_threshold if method == 'multiminer' else None,
+                stop_threshold=data.settings.mining.stop_threshold if method == 'multiminer' and data.settings.mining.stop_test == 'modulator' else None,
                 bg_threshold=bg, scales=[s['scale'] for s in steps], note=note, title=title)
 
 # %% ../nbs/12_explorer.ipynb #828c7761
@@ -305,11 +308,9 @@ def load_demo(folder='runs/demo', device='cpu', progress=True) -> ExplorerData:
 
 # %% ../nbs/12_explorer.ipynb #450ed4ab
 def quick_settings(n_classes=4, image_size=64, seed=0, max_steps=6) -> DemoSettings:
-    "The demo's settings at a small image size and at most `max_steps` steps, every step's maps kept, a smaller saliency network: `mine_small` runs in under a minute on two CPU cores."
+    "The demo's settings at a small image size and at most `max_steps` steps, every step's maps kept: `mine_small` runs in under a minute on two CPU cores."
     S = DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed)
     S.mining = replace(S.mining, max_steps=max_steps, keep_step_maps=-1)
-    S.saliency = replace(S.saliency, epochs=3)
-    S.n_saliency = 64
     return S
 
 # %% ../nbs/12_explorer.ipynb #04c198a2
