@@ -68,7 +68,8 @@ def test_ctrl_c_in_a_real_run(tmp_path):
     out = tmp_path/'c'
     p = subprocess.Popen([sys.executable, '-m', 'multiminer.cli', 'train-classifier', *map(str, SHAPES), '--epochs', '200',
                           '--out', str(out)], stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)})
+                         env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as a terminal gives it, even under a shell that ignores SIGINT
     for _ in range(600):
         if (out/'classifier.pt').is_file(): break
         time.sleep(0.05)
