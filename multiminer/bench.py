@@ -85,17 +85,17 @@ def rss_bytes(field:str='VmHWM') -> int:
 # %% ../nbs/13_bench.ipynb #c3de03a5
 def bench_settings(seed=0, **kw) -> DemoSettings:
     "The default preset (the demo's settings, `DemoSettings.for_args`); mining never stops an object early, so every run does the same steps."
-    S = DemoSettings.for_args(seed=seed, **kw)
-    S.mining = dataclasses.replace(S.mining, stop_threshold=0.0, keep_step_maps=0)
-    return S
+    settings = DemoSettings.for_args(seed=seed, **kw)
+    settings.mining = dataclasses.replace(settings.mining, stop_threshold=0.0, keep_step_maps=0)
+    return settings
 
-def synthetic_setup(n_images, seed=0, device='cpu', data='scenes', S=None):
+def synthetic_setup(n_images, seed=0, device='cpu', data='scenes', settings=None):
     "The default preset's data, a randomly initialised extractor and modulator (speed does not depend on the weights), and its feature bank."
-    S = S or bench_settings(seed, data=data)
-    ds = make_synthetic(S.data, n_images, 4, S.classifier.input_size, seed)
-    clf = build_classifier(S.classifier, ds.labels.shape[1]).to(device).eval()
-    bank = feature_bank(freeze(clf.extractor), ds.images, S.mining.scales, device=device)
-    return S, ds, clf, bank
+    settings = settings or bench_settings(seed, data=data)
+    ds = make_synthetic(settings.data, n_images, 4, settings.classifier.input_size, seed)
+    clf = build_classifier(settings.classifier, ds.labels.shape[1]).to(device).eval()
+    bank = feature_bank(freeze(clf.extractor), ds.images, settings.mining.scales, device=device)
+    return settings, ds, clf, bank
 
 def subset_bank(bank, n):
     "The first `n` images of a feature bank, as a {scale: features} mapping mining reads like a bank."
@@ -167,39 +167,39 @@ MEMORY_STAGES = ('data', 'classifier', 'features', 'saliency', 'mining', 'pseudo
 def stage_memory(data_path:str, n_images:int, seed:int=0, device='cpu', epochs:int=1, erasing_steps:int=1,
                  max_steps:int=1, steps_test:int=0, batch_size:int=None) -> dict:
     "Peak resident memory (bytes) of each stage of the demo on the first `n_images` of the set saved at `data_path`; optionally the steps test (`steps_test` k: mining k and 2k steps). Meant for a fresh process: `in_child`."
-    S = bench_settings(seed, data=torch.load(data_path, weights_only=True, mmap=True)['kind'])
-    S.classifier = dataclasses.replace(S.classifier, epochs=epochs, lr_step_epoch=None)
-    S.segmentation = dataclasses.replace(S.segmentation, epochs=epochs)
-    S.saliency = dataclasses.replace(S.saliency, epochs=epochs)
-    S.erasing = dataclasses.replace(S.erasing, steps=erasing_steps)
-    S.mining = dataclasses.replace(S.mining, max_steps=max_steps)
+    settings = bench_settings(seed, data=torch.load(data_path, weights_only=True, mmap=True)['kind'])
+    settings.classifier = dataclasses.replace(settings.classifier, epochs=epochs, lr_step_epoch=None)
+    settings.segmentation = dataclasses.replace(settings.segmentation, epochs=epochs)
+    settings.saliency = dataclasses.replace(settings.saliency, epochs=epochs)
+    settings.erasing = dataclasses.replace(settings.erasing, steps=erasing_steps)
+    settings.mining = dataclasses.replace(settings.mining, max_steps=max_steps)
     if batch_size:   # the same batches at every set size: what grows with the images is then what a stage keeps per image
         b = lambda c: dataclasses.replace(c, batch_size=min(c.batch_size, batch_size))
-        S.classifier, S.segmentation, S.saliency, S.erasing = b(S.classifier), b(S.segmentation), b(S.saliency), b(S.erasing)
-        S.mining = dataclasses.replace(S.mining, batch_sizes=tuple(min(x, batch_size) for x in S.mining.batch_sizes))
-    size, peaks, secs, st = S.classifier.input_size, {}, {}, {}
+        settings.classifier, settings.segmentation, settings.saliency, settings.erasing = b(settings.classifier), b(settings.segmentation), b(settings.saliency), b(settings.erasing)
+        settings.mining = dataclasses.replace(settings.mining, batch_sizes=tuple(min(x, batch_size) for x in settings.mining.batch_sizes))
+    size, peaks, secs, st = settings.classifier.input_size, {}, {}, {}
     def stage(name, fn):
         gc.collect(); reset_peak_rss(); t0 = time.perf_counter()
         fn(); peaks[name], secs[name] = rss_bytes('VmHWM'), round(time.perf_counter() - t0, 2)
     stage('data', lambda: st.update(ds=_Loaded(data_path, slice(0, n_images)), sal=_Loaded(data_path, slice(n_images, 2 * n_images))))
-    stage('classifier', lambda: st.update(clf=train_classifier(S.classifier, st['ds'], device=device, progress=False)))
+    stage('classifier', lambda: st.update(clf=train_classifier(settings.classifier, st['ds'], device=device, progress=False)))
     def features():
-        st['bank'] = feature_bank(freeze(st['clf'].extractor), st['ds'].images, sorted(set(S.mining.scales) | {size}), device=device)
+        st['bank'] = feature_bank(freeze(st['clf'].extractor), st['ds'].images, sorted(set(settings.mining.scales) | {size}), device=device)
     stage('features', features)
     def saliency():
-        st['saliency'] = saliency_maps(train_saliency(S.saliency, st['sal'], device=device), st['ds'].images, device=device)
+        st['saliency'] = saliency_maps(train_saliency(settings.saliency, st['sal'], device=device), st['ds'].images, device=device)
     stage('saliency', saliency)
-    def mining(): st['strengths'], st['result'] = run_methods(S, st['clf'], st['bank'], st['ds'].labels, size, device, progress=False,
+    def mining(): st['strengths'], st['result'] = run_methods(settings, st['clf'], st['bank'], st['ds'].labels, size, device, progress=False,
                                                                 saliency=st['saliency'])
     stage('mining', mining)
-    stage('pseudo_masks', lambda: st.update(pm=all_pseudo_masks(S, st['strengths'], st['result'], st['ds'].images,
+    stage('pseudo_masks', lambda: st.update(pm=all_pseudo_masks(settings, st['strengths'], st['result'], st['ds'].images,
                                                                 st['ds'].labels, st['saliency'], crf=True)))
-    stage('segmentation', lambda: train_segmentation(S.segmentation, st['ds'].images, st['pm']['multiminer']['saliency'],
+    stage('segmentation', lambda: train_segmentation(settings.segmentation, st['ds'].images, st['pm']['multiminer']['saliency'],
                                                      device=device, progress=False))
     out = dict(peak_bytes=peaks, seconds=secs, n_images=n_images)
     if steps_test:   # mining on the largest scale alone, so that 2k steps repeat k's work at one resolution
-        r = S.mining.scales[-1]
-        cfg = dataclasses.replace(S.mining, scales=(r,), batch_sizes=S.mining.batch_sizes[-1:])
+        r = settings.mining.scales[-1]
+        cfg = dataclasses.replace(settings.mining, scales=(r,), batch_sizes=settings.mining.batch_sizes[-1:])
         bank = {r: st['bank'][r]}
         added = {}   # the mining stage above has already set up every kernel and allocator mining uses
         for k in (steps_test, 2 * steps_test):
@@ -307,8 +307,8 @@ def _bench_setup(b):
     N = sz.n_images
     n_set = max(4 * N, 2 * max(sz.memory_images or (0,)))
     say(f"default preset ({data}): {n_set} images, random extractor and modulator, features at every scale")
-    S, ds, clf, bank = synthetic_setup(n_set, seed, device, data=data)
-    labels, cfg = ds.labels, S.mining
+    settings, ds, clf, bank = synthetic_setup(n_set, seed, device, data=data)
+    labels, cfg = ds.labels, settings.mining
     small, big = subset_bank(bank, N), subset_bank(bank, 4 * N)
     again = {s: ReextractedFeatures(clf.extractor, ds.images[:N], s, device) for s in cfg.scales}
     step = lambda b, n: step_seconds(clf.modulator, cfg, b, labels[:n], device)
@@ -325,7 +325,7 @@ def _bench_setup(b):
     det['synthetic_step'] = dict(seconds={k: round(v, 3) for k, v in t.items()}, n_images=N, conv_gflop_4n=round(flops / 1e9, 2),
                                  achieved_gflops=round(achieved, 1), modulator_alone_gflops=round(ceiling, 1),
                                  feature_shapes={s: list(bank[s].shape[1:]) for s in cfg.scales}, config=asdict(cfg))
-    b.S, b.ds, b.clf, b.bank, b.labels, b.cfg, b.n_set = S, ds, clf, bank, labels, cfg, n_set
+    b.settings, b.ds, b.clf, b.bank, b.labels, b.cfg, b.n_set = settings, ds, clf, bank, labels, cfg, n_set
 
 # %% ../nbs/13_bench.ipynb #e230c751
 def _bench_vgg(b):
@@ -353,12 +353,12 @@ def _bench_vgg(b):
 # %% ../nbs/13_bench.ipynb #1acecae5
 def _bench_crf(b):
     "Dense-CRF images per second with 1 and 2 workers."
-    res, det, sz, device, say, ds, labels, clf, bank, cfg, S = (b.res, b.det, b.sz, b.device, b.say, b.ds, b.labels, b.clf,
-                                                                b.bank, b.cfg, b.S)
+    res, det, sz, device, say, ds, labels, clf, bank, cfg, settings = (b.res, b.det, b.sz, b.device, b.say, b.ds, b.labels, b.clf,
+                                                                b.bank, b.cfg, b.settings)
     nc = min(sz.crf_images, b.n_set)
     say(f"dense CRF on {nc} images with 1 and 2 workers")
     strength = normalized_cam(clf.modulator, bank[cfg.scales[0]][:nc], device=device)
-    crf = lambda w: _seconds(lambda: crf_refine(ds.images[:nc], strength, labels[:nc], bg_threshold=S.bg_threshold('cam', crf=True), workers=w))
+    crf = lambda w: _seconds(lambda: crf_refine(ds.images[:nc], strength, labels[:nc], bg_threshold=settings.bg_threshold('cam', crf=True), workers=w))
     tc = side_by_side({'1': lambda: crf(0), '2': lambda: crf(2)}, max(1, sz.reps - 1))
     res['crf_images_per_s'] = {k: nc / v for k, v in tc.items()}
     det['crf'] = dict(n_images=nc, image_size=int(ds.images.shape[-1]), seconds={k: round(v, 3) for k, v in tc.items()},
@@ -496,10 +496,10 @@ def plot_bench(res:dict, path=None):
 # %% ../nbs/13_bench.ipynb #9be66927
 def profile_step(n_images:int=64, seed:int=0, device='cpu', data:str='scenes', row_limit:int=10) -> dict:
     "torch.profiler on mining step 1 of the default preset (after a warm-up step): the top operators by own time, the convolutions' share, and achieved against practical peak."
-    S, ds, clf, bank = synthetic_setup(n_images, seed, device, data=data)
-    step = lambda: step_seconds(clf.modulator, S.mining, bank, ds.labels, device)
+    settings, ds, clf, bank = synthetic_setup(n_images, seed, device, data=data)
+    step = lambda: step_seconds(clf.modulator, settings.mining, bank, ds.labels, device)
     step()
-    flops = step_flops(clf.modulator, S.mining, bank, ds.labels, device)
+    flops = step_flops(clf.modulator, settings.mining, bank, ds.labels, device)
     secs = min(step(), step())
     peak = practical_peak(device)
     with profile(activities=[ProfilerActivity.CPU]) as prof: step()
@@ -510,7 +510,7 @@ def profile_step(n_images:int=64, seed:int=0, device='cpu', data:str='scenes', r
     return dict(top=[(e.key, round(e.self_cpu_time_total / 1e3, 1), e.count) for e in top],
                 conv_share=conv / total, step_seconds=secs, conv_gflop=flops / 1e9, achieved_gflops=flops / secs / 1e9,
                 peak=peak, fraction_of_peak=flops / secs / 1e9 / peak['peak_gflops'],
-                ceiling_gflops=modulator_ceiling(clf.modulator, bank[S.mining.scales[0]], S.mining.batch_size(1), 3, device),
+                ceiling_gflops=modulator_ceiling(clf.modulator, bank[settings.mining.scales[0]], settings.mining.batch_size(1), 3, device),
                 table=ev.table(sort_by='self_cpu_time_total', row_limit=row_limit))
 
 # %% ../nbs/13_bench.ipynb #b7d93292

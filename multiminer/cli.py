@@ -500,7 +500,7 @@ def cmd_pseudo_labels(args, argv=()):
                                else (lambda i: tuple(ds.images.shape[-2:])))
     fields = DemoSettings.__dataclass_fields__
     crf_bg = fields['bg_fixed_erasing_crf' if up['stage'] == 'erase' else 'bg_multiminer_crf'].default   # the demo's, per method
-    bg = args.bg_threshold if args.bg_threshold is not None else round(crf_bg if args.crf else result.bg_threshold, 6)
+    bg = args.bg_threshold if args.bg_threshold is not None else round(crf_bg if args.crf else result.mined_threshold, 6)
     get, class_names = image_and_mask(ds, spec['kind'] == 'voc')
     inputs = dict(mining=dict(folder=absolute_path(mining), files=hashes))
     if args.saliency: inputs['saliency'] = dict(folder=absolute_path(args.saliency), files={'*.png': tree_sha256(args.saliency)})
@@ -531,7 +531,7 @@ def _write_miou_by_steps(out, result, summary):
     "--by-steps: the curve into `summary` (miou_by_steps) and fig_miou_by_steps.png (demo.plot_miou_by_steps), atomically."
     curve = [h['miou_merged'] for h in result.history]
     summary.update(miou_by_steps=curve, miou_by_steps_kind=f"pseudo-mask mIoU (%) of steps 1..T merged against the "
-                   f"training masks: threshold cue (background below {result.bg_threshold:g}), no CRF")
+                   f"training masks: threshold cue (background below {result.mined_threshold:g}), no CRF")
     with atomic_path(out/'fig_miou_by_steps.png', '.tmp.png', rename=is_main()) as tmp:
         if is_main(): plot_miou_by_steps(curve, path=tmp)
 

@@ -85,8 +85,8 @@ class DemoSettings:
                    segmentation=SegConfig.synthetic(n_classes=n_classes + 1, **segm),
                    saliency=SegConfig.synthetic(n_classes=2, **seg), data=data, **kw)
 
-    def bg_threshold(self, method:str, crf:bool=False, result=None, cue:str=None) -> float:
-        "The 'mined' threshold on `method`'s strengths ('cam', 'fixed_erasing', 'multiminer') for a cue ('threshold', 'saliency', or 'crf' = `crf=True`: the probabilities the dense CRF starts from): `bg_<method>[_<cue>]`, each chosen by the same sweep (`result` is not needed)."
+    def bg_threshold(self, method:str, crf:bool=False, cue:str=None) -> float:
+        "The 'mined' threshold on `method`'s strengths ('cam', 'fixed_erasing', 'multiminer') for a cue ('threshold', 'saliency', or 'crf' = `crf=True`: the probabilities the dense CRF starts from): `bg_<method>[_<cue>]`, each chosen by the same sweep."
         cue = 'crf' if crf else (cue or 'threshold')
         if cue not in CUES: raise ValueError(f"no background threshold for cue {cue!r}; use one of {CUES}")
         name = f"bg_{method}" + ('' if cue == 'threshold' else f"_{cue}")
@@ -257,7 +257,7 @@ def step_overlap(steps, level:float, stored=None) -> list:
     return [round(float(iou[t][ok[t]].mean()), 4) if ok[t].any() else None for t in range(len(R) - 1)]
 
 # %% ../nbs/09_demo.ipynb #hd000014
-def decompose(S, strengths:dict, erasing, result, labels, masks, saliency, thresholds=THRESHOLDS) -> dict:
+def decompose(settings, strengths:dict, erasing, result, labels, masks, saliency, thresholds=THRESHOLDS) -> dict:
     "The `headroom` block: threshold curves of every method in `strengths`, and fixed_T / oracle_T / stop_rule / step_overlap from erasing's (and, given `result`, the multi-miner's) per-step maps."
     hr = dict(threshold_curve={m: dict(threshold=threshold_curve(s, labels, masks, thresholds),
                                        saliency=threshold_curve(s, labels, masks, thresholds, saliency)) for m, s in strengths.items()})
@@ -269,7 +269,7 @@ def decompose(S, strengths:dict, erasing, result, labels, masks, saliency, thres
     elif result is not None: hr['multiminer_steps'] = 'not decomposed: mine with keep_step_maps=-1 to keep every object\'s maps'
     for key in ('fixed_T', 'oracle_T', 'oracle_T_area_spearman', 'step_overlap'): hr[key] = {}
     for m, (steps, stop, level, stored) in per_step.items():
-        h = step_headroom(steps, objects, labels, masks, S.bg_threshold(m), stop)
+        h = step_headroom(steps, objects, labels, masks, settings.bg_threshold(m), stop)
         hr['fixed_T'][m], hr['oracle_T'][m] = h['fixed_T'], h['oracle_T']
         hr['oracle_T_area_spearman'][m] = round(spearman(areas, h['oracle_steps']), 4)
         hr['step_overlap'][m] = step_overlap(steps, level, stored)
@@ -287,16 +287,16 @@ def premise(hr:dict) -> dict:
             'oracle_k_area_spearman': hr['oracle_T_area_spearman']['fixed_erasing']}
 
 # %% ../nbs/09_demo.ipynb #e028cae8
-def _miou_by_steps(S, n_images, n_classes, labels, masks, progress):
+def _miou_by_steps(settings, n_images, n_classes, labels, masks, progress):
     "The callback after each mining step that records `miou_merged`, the pseudo-mask mIoU (threshold cue) of the steps so far merged, in the step's history."
     def by_steps(miner):
         r = miner.result(n_images, n_classes)
-        miner.state.history[-1]['miou_merged'] = pseudo_miou(r.strength(), labels, masks, S.bg_threshold('multiminer'))
+        miner.state.history[-1]['miou_merged'] = pseudo_miou(r.strength(), labels, masks, settings.bg_threshold('multiminer'))
         say(progress, f"   pseudo-mask mIoU of the first {miner.state.t} steps merged: {miner.state.history[-1]['miou_merged']:.1f}")
     return by_steps
 
 # %% ../nbs/09_demo.ipynb #062aca0a
-def _demo_metrics(S, scores, pm, result, masks, areas, saliency_fg_iou) -> dict:
+def _demo_metrics(settings, scores, pm, result, masks, areas, saliency_fg_iou) -> dict:
     "The measurements of `run_demo`'s pseudo masks (`scores`, `pm`: per method and cue) and of its mining `result`."
     spear = round(spearman(areas.numpy(), result.steps.numpy()), 4)
     return dict(
@@ -306,7 +306,7 @@ def _demo_metrics(S, scores, pm, result, masks, areas, saliency_fg_iou) -> dict:
         miou_by_steps=[round(h['miou_merged'], 2) for h in result.history],
         miou_by_steps_kind='pseudo-mask mIoU, threshold cue (the segmentation version: segmentation_by_steps)',
         steps_size_spearman=spear,
-        steps_size_spearman_no_area_test=spear if S.mining.min_region == 0 else None,
+        steps_size_spearman_no_area_test=spear if settings.mining.min_region == 0 else None,
         steps_histogram={int(k): int(v) for k, v in zip(*torch.unique(result.steps, return_counts=True))},
         steps_by_size=by_size(result.steps.float(), areas),
         stop_reasons=result.stop_reasons(),
@@ -315,21 +315,21 @@ def _demo_metrics(S, scores, pm, result, masks, areas, saliency_fg_iou) -> dict:
         n_objects=len(result.objects), mining_steps_run=len(result.history))
 
 # %% ../nbs/09_demo.ipynb #1669eb41
-def _spearman_no_area_test(S, clf, bank, labels, areas, out, device, resume, saliency) -> float:
+def _spearman_no_area_test(settings, clf, bank, labels, areas, out, device, resume, saliency) -> float:
     "Spearman(object area, T_j) of mining with the area test off (min_region=0), in `out/mining_no_area_test`."
-    cfg0 = MiningConfig(**{**asdict(S.mining), 'min_region': 0., 'keep_step_maps': 0})
+    cfg0 = MiningConfig(**{**asdict(settings.mining), 'min_region': 0., 'keep_step_maps': 0})
     r0 = MultiMiner(clf.modulator, cfg0, device=device).run(bank, labels, out_dir=out/'mining_no_area_test', resume=resume, progress=False,
                                                             saliency=saliency)
     return round(spearman(areas.numpy(), r0.steps.numpy()), 4)
 
 # %% ../nbs/09_demo.ipynb #7b50d8ba
-def _segment_each(S, images, masks, pm, n_classes, image_size, seed, out, device, resume, progress) -> dict:
+def _segment_each(settings, images, masks, pm, n_classes, image_size, seed, out, device, resume, progress) -> dict:
     "Segmentation mIoU on the validation split (seed + 100000) of networks trained on each method's saliency-cue masks and on `masks`."
-    val = make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
+    val = make_synthetic(settings.data, settings.n_val, n_classes, image_size, seed + 100_000)
     seg = {}
     for name in METHODS + ('ground_truth',):
         target = masks if name == 'ground_truth' else pm[name]['saliency']
-        seg[name] = train_and_score(S, name, images, target, val, n_classes, out, device, resume)
+        seg[name] = train_and_score(settings, name, images, target, val, n_classes, out, device, resume)
         say(progress, f"   segmentation mIoU, trained on {name:14s} {seg[name]:5.1f}")
     return seg
 
@@ -356,44 +356,44 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
     "The whole pipeline on the synthetic benchmark; writes metrics.json and figures into `out` and returns the metrics."
     check_demo_args(out, seed, n_images, n_classes, image_size, device)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    S = settings or DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed, data=data)
+    settings = settings or DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed, data=data)
     secs, t_all = {}, time.time()
     def stage(name, t0): secs[name] = round(time.time() - t0, 2); say(progress, f"   [{name}: {secs[name]:.1f}s]")
 
-    P = prepare_inputs(S, out, seed, n_images, n_classes, image_size, device, resume, progress, secs)
-    images, labels, masks, clf, bank, saliency = P['ds'].images, P['ds'].labels, P['ds'].masks, P['clf'], P['bank'], P['saliency']
+    inputs = prepare_inputs(settings, out, seed, n_images, n_classes, image_size, device, resume, progress, secs)
+    images, labels, masks, clf, bank, saliency = inputs['ds'].images, inputs['ds'].labels, inputs['ds'].masks, inputs['clf'], inputs['bank'], inputs['saliency']
 
-    t0 = time.time(); say(progress, f"== CAM; fixed-step erasing, {S.erasing.steps} steps for every object; multi-miner, "
-                                     f"scales {S.mining.scales}, at most {S.mining.max_steps} steps")
-    by_steps = _miou_by_steps(S, n_images, n_classes, labels, masks, progress)
+    t0 = time.time(); say(progress, f"== CAM; fixed-step erasing, {settings.erasing.steps} steps for every object; multi-miner, "
+                                     f"scales {settings.mining.scales}, at most {settings.mining.max_steps} steps")
+    by_steps = _miou_by_steps(settings, n_images, n_classes, labels, masks, progress)
     runs = {}
-    strengths, result = run_methods(S, clf, bank, labels, image_size, device, out, resume, progress, by_steps, runs, saliency)
+    strengths, result = run_methods(settings, clf, bank, labels, image_size, device, out, resume, progress, by_steps, runs, saliency)
     stage('mining', t0)
 
     t0 = time.time(); say(progress, "== pseudo masks: every method with every cue (threshold, crf, saliency)")
     crf_secs = {}
-    pm = all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=crf, secs=crf_secs)
+    pm = all_pseudo_masks(settings, strengths, result, images, labels, saliency, crf=crf, secs=crf_secs)
     scores = {k: {cue: score_masks(p, masks, n_classes) for cue, p in v.items()} for k, v in pm.items()}
     stage('pseudo_masks', t0)
     for k, v in scores.items(): say(progress, f"   {k:14s} " + '  '.join(f"{cue} {s[0]:5.1f}" for cue, s in v.items()))
 
     areas = object_areas(masks, result.objects)
-    metrics = _demo_metrics(S, scores, pm, result, masks, areas, P['saliency_fg_iou'])
+    metrics = _demo_metrics(settings, scores, pm, result, masks, areas, inputs['saliency_fg_iou'])
     t0 = time.time(); say(progress, "== the gap, decomposed: threshold curves; fixed T, oracle T, stop rule; step overlap")
-    hr = metrics['headroom'] = decompose(S, strengths, runs['erasing'], result, labels, masks, saliency)
+    hr = metrics['headroom'] = decompose(settings, strengths, runs['erasing'], result, labels, masks, saliency)
     hr['crf_curve'] = dict(swept=False, seconds_one_threshold=round(crf_secs['crf'], 2) if crf else None, thresholds=len(THRESHOLDS))
     stage('headroom', t0)
     if 'multiminer' in hr['oracle_T']:
         say(progress, f"   oracle T: erasing {hr['oracle_T']['fixed_erasing']:.1f}, multi-miner {hr['oracle_T']['multiminer']:.1f}; "
                        f"stop rule {hr['stop_rule']:.1f}; Spearman(oracle T, T_j) {hr['oracle_stop_spearman']:.2f}")
-    if S.area_test_ablation and S.mining.min_region > 0:   # the ablation: the same mining with the area test off
+    if settings.area_test_ablation and settings.mining.min_region > 0:   # the ablation: the same mining with the area test off
         t0 = time.time(); say(progress, "== ablation: mining with the area test off (min_region=0)")
-        metrics['steps_size_spearman_no_area_test'] = _spearman_no_area_test(S, clf, bank, labels, areas, out, device, resume, saliency)
+        metrics['steps_size_spearman_no_area_test'] = _spearman_no_area_test(settings, clf, bank, labels, areas, out, device, resume, saliency)
         stage('mining_no_area_test', t0)
 
     if segmentation:
         t0 = time.time(); say(progress, "== segmentation: trained on each method's saliency-cue masks and on ground truth, scored on a separate split")
-        metrics['segmentation_miou'] = _segment_each(S, images, masks, pm, n_classes, image_size, seed, out, device, resume, progress)
+        metrics['segmentation_miou'] = _segment_each(settings, images, masks, pm, n_classes, image_size, seed, out, device, resume, progress)
         stage('segmentation', t0)
     metrics['calibration'] = _calibration(metrics, crf, segmentation)
 
@@ -403,7 +403,7 @@ def run_demo(out='runs/demo', seed=0, n_images=400, n_classes=4, image_size=96, 
     secs['total'] = round(time.time() - t_all, 2)
     metrics['seconds'] = secs
     metrics['config'] = dict(seed=seed, n_images=n_images, n_classes=n_classes, image_size=image_size, device=str(device),
-                             crf=crf, segmentation=segmentation, data=S.data, settings=S.to_dict())
+                             crf=crf, segmentation=segmentation, data=settings.data, settings=settings.to_dict())
     (out/'metrics.json').write_text(json.dumps(metrics, indent=1))
     say(progress, f"== done in {secs['total']:.0f}s: {out/'metrics.json'}")
     return metrics
@@ -417,42 +417,42 @@ def _experiment_settings(out, seed, n_images, n_classes, image_size, data, setti
 def run_table2(out='runs/table2', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu', resume=False,
                progress=True, data='scenes', settings:DemoSettings=None) -> dict:
     "Table 2: pseudo-mask (saliency cue) and segmentation mIoU of mining at each fixed scale and with the multi-scale schedule; writes table2.json."
-    S = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings); out = Path(out)
-    P = prepare_inputs(S, out, seed, n_images, n_classes, image_size, device, resume, progress)
-    ds, val = P['ds'], make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
+    settings = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings); out = Path(out)
+    inputs = prepare_inputs(settings, out, seed, n_images, n_classes, image_size, device, resume, progress)
+    ds, val = inputs['ds'], make_synthetic(settings.data, settings.n_val, n_classes, image_size, seed + 100_000)
     rows = {}
-    for scales in [(s,) for s in S.mining.scales] + [S.mining.scales]:
+    for scales in [(s,) for s in settings.mining.scales] + [settings.mining.scales]:
         name = 'multi-scale' if len(scales) > 1 else f"{scales[0]}px"
-        cfg = MiningConfig(**{**asdict(S.mining), 'scales': scales, 'batch_sizes': S.mining.batch_sizes[:len(scales)], 'keep_step_maps': 0})
+        cfg = MiningConfig(**{**asdict(settings.mining), 'scales': scales, 'batch_sizes': settings.mining.batch_sizes[:len(scales)], 'keep_step_maps': 0})
         say(progress, f"== mining at {name}")
-        r = MultiMiner(P['clf'].modulator, cfg, device=device).run(P['bank'], ds.labels, out_dir=out/f'mining_{name}', resume=resume, progress=False,
-                                                                saliency=P['saliency'])
-        pm = pseudo_masks(r.strength(), ds.labels, size=image_size, bg_threshold=r.bg_threshold, saliency=P['saliency'])
+        r = MultiMiner(inputs['clf'].modulator, cfg, device=device).run(inputs['bank'], ds.labels, out_dir=out/f'mining_{name}', resume=resume, progress=False,
+                                                                saliency=inputs['saliency'])
+        pm = pseudo_masks(r.strength(), ds.labels, size=image_size, bg_threshold=r.mined_threshold, saliency=inputs['saliency'])
         rows[name] = dict(pseudo_miou=round(score_masks(pm, ds.masks, n_classes)[0], 2),
-                          segmentation_miou=train_and_score(S, name, ds.images, pm, val, n_classes, out, device, resume),
+                          segmentation_miou=train_and_score(settings, name, ds.images, pm, val, n_classes, out, device, resume),
                           steps_run=len(r.history))
         say(progress, f"   {name}: {rows[name]}")
-    res = dict(rows=rows, config=dict(seed=seed, n_images=n_images, data=S.data, settings=S.to_dict()))
+    res = dict(rows=rows, config=dict(seed=seed, n_images=n_images, data=settings.data, settings=settings.to_dict()))
     (out/'table2.json').write_text(json.dumps(res, indent=1))
     return res
 
 def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=400, n_classes=4, image_size=96, device='cpu',
                               resume=False, progress=True, data='scenes', settings:DemoSettings=None) -> dict:
     "Fig. 6: segmentation mIoU of networks trained on the pseudo masks (saliency cue) of the first T merged steps, T = 1..; writes fig6.json."
-    S = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings); out = Path(out)
-    P = prepare_inputs(S, out, seed, n_images, n_classes, image_size, device, resume, progress)
-    ds, val = P['ds'], make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
+    settings = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings); out = Path(out)
+    inputs = prepare_inputs(settings, out, seed, n_images, n_classes, image_size, device, resume, progress)
+    ds, val = inputs['ds'], make_synthetic(settings.data, settings.n_val, n_classes, image_size, seed + 100_000)
     merged = []   # the merged maps after each step, as uint8: Eq. 7 over the first T steps
     def snapshot(miner): merged.append((miner.state.pools[-1] * 255).round().to(torch.uint8))
-    r = MultiMiner(P['clf'].modulator, S.mining, device=device).run(P['bank'], ds.labels, progress=progress, callback=snapshot,
-                                                                    saliency=P['saliency'])
+    r = MultiMiner(inputs['clf'].modulator, settings.mining, device=device).run(inputs['bank'], ds.labels, progress=progress, callback=snapshot,
+                                                                    saliency=inputs['saliency'])
     curve = []
     for T, m in enumerate(merged, 1):
         r.merged = m.float() / 255
-        pm = pseudo_masks(r.strength(), ds.labels, size=image_size, bg_threshold=r.bg_threshold, saliency=P['saliency'])
-        curve.append(train_and_score(S, f'steps_{T}', ds.images, pm, val, n_classes, out, device, resume))
+        pm = pseudo_masks(r.strength(), ds.labels, size=image_size, bg_threshold=r.mined_threshold, saliency=inputs['saliency'])
+        curve.append(train_and_score(settings, f'steps_{T}', ds.images, pm, val, n_classes, out, device, resume))
         say(progress, f"   first {T} steps merged: segmentation mIoU {curve[-1]:.1f}")
-    res = dict(segmentation_miou_by_steps=curve, config=dict(seed=seed, n_images=n_images, data=S.data, settings=S.to_dict()))
+    res = dict(segmentation_miou_by_steps=curve, config=dict(seed=seed, n_images=n_images, data=settings.data, settings=settings.to_dict()))
     (out/'fig6.json').write_text(json.dumps(res, indent=1))
     return res
 
@@ -460,13 +460,13 @@ def run_segmentation_by_steps(out='runs/fig6', seed=0, n_images=400, n_classes=4
 def sweep_erasing_steps(out, seed, n_images=400, n_classes=4, image_size=96, ks=range(1, 7), bgs=(0.1, 0.2, 0.35, 0.5),
                         device='cpu', data='scenes', settings:DemoSettings=None) -> dict:
     "Pseudo-mask mIoU of fixed-step erasing for each K and background threshold, {K: {bg: (threshold cue, saliency cue)}}: how the demo's K was chosen."
-    S = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings)
-    P = prepare_inputs(S, out, seed, n_images, n_classes, image_size, device, resume=True, progress=False)
-    ds, res = P['ds'], {}
-    r = fixed_erasing(P['clf'].modulator, P['bank'], ds.labels, ErasingConfig(**{**asdict(S.erasing), 'steps': max(ks)}),
+    settings = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings)
+    inputs = prepare_inputs(settings, out, seed, n_images, n_classes, image_size, device, resume=True, progress=False)
+    ds, res = inputs['ds'], {}
+    r = fixed_erasing(inputs['clf'].modulator, inputs['bank'], ds.labels, ErasingConfig(**{**asdict(settings.erasing), 'steps': max(ks)}),
                       device=device, progress=False, keep_steps=True)   # one run: its first K steps are the K-step run
     for K in ks:
-        cv = [threshold_curve(r.strength_after(K), ds.labels, ds.masks, bgs, saliency=sal) for sal in (None, P['saliency'])]
+        cv = [threshold_curve(r.strength_after(K), ds.labels, ds.masks, bgs, saliency=sal) for sal in (None, inputs['saliency'])]
         res[K] = {bg: tuple(round(c[float(bg)], 1) for c in cv) for bg in bgs}
     return res
 
@@ -474,20 +474,20 @@ def sweep_erasing_steps(out, seed, n_images=400, n_classes=4, image_size=96, ks=
 def calibrate(out, seed, n_images=400, n_classes=4, image_size=96, thresholds=THRESHOLDS, device='cpu', data='scenes',
               settings:DemoSettings=None, progress=False, show=True) -> dict:
     "The premise table of one seed, from CAM and fixed-step erasing alone (never the multi-miner): CAM's curve, erasing by K, the oracle K, the CRF gain on CAM and the ground-truth segmentation gap; printed when `show`. Reuses what a demo run left in `out`."
-    S = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings)
-    P = prepare_inputs(S, out, seed, n_images, n_classes, image_size, device, resume=True, progress=progress)
-    ds, sal = P['ds'], P['saliency']
-    cam = normalized_cam(P['clf'].modulator, P['bank'][image_size], device=device)
-    er = run_erasing(S, P['clf'], P['bank'], ds.labels, device, progress)
-    hr = decompose(S, dict(cam=cam, fixed_erasing=er.strength_after(S.erasing.steps)), er, None, ds.labels, ds.masks, sal, thresholds)
+    settings = _experiment_settings(out, seed, n_images, n_classes, image_size, data, settings)
+    inputs = prepare_inputs(settings, out, seed, n_images, n_classes, image_size, device, resume=True, progress=progress)
+    ds, sal = inputs['ds'], inputs['saliency']
+    cam = normalized_cam(inputs['clf'].modulator, inputs['bank'][image_size], device=device)
+    er = run_erasing(settings, inputs['clf'], inputs['bank'], ds.labels, device, progress)
+    hr = decompose(settings, dict(cam=cam, fixed_erasing=er.strength_after(settings.erasing.steps)), er, None, ds.labels, ds.masks, sal, thresholds)
     by_k = {k: max(threshold_curve(er.strength_after(k), ds.labels, ds.masks, thresholds, sal).values())
             for k in range(1, len(er.history) + 1)}   # erasing with K steps, each at its best threshold (saliency cue)
-    thr = round(pseudo_miou(cam, ds.labels, ds.masks, S.bg_cam), 2)
-    crf = crf_refine(ds.images, cam, ds.labels, bg_threshold=S.bg_cam_crf, workers=S.crf_workers if len(ds) > 128 else 0)
-    val = make_synthetic(S.data, S.n_val, n_classes, image_size, seed + 100_000)
-    gt = train_and_score(S, 'ground_truth', ds.images, ds.masks, val, n_classes, out, device, resume=True)
+    thr = round(pseudo_miou(cam, ds.labels, ds.masks, settings.bg_cam), 2)
+    crf = crf_refine(ds.images, cam, ds.labels, bg_threshold=settings.bg_cam_crf, workers=settings.crf_workers if len(ds) > 128 else 0)
+    val = make_synthetic(settings.data, settings.n_val, n_classes, image_size, seed + 100_000)
+    gt = train_and_score(settings, 'ground_truth', ds.images, ds.masks, val, n_classes, out, device, resume=True)
     res = dict(cam_threshold=thr, crf_gain_on_cam=round(score_masks(crf, ds.masks, n_classes)[0] - thr, 2),
-               ground_truth_seg=gt, ground_truth_seg_minus_cam=round(gt - thr, 2), saliency_fg_iou=P['saliency_fg_iou'],
+               ground_truth_seg=gt, ground_truth_seg_minus_cam=round(gt - thr, 2), saliency_fg_iou=inputs['saliency_fg_iou'],
                **premise(hr), cam_curve=hr['threshold_curve']['cam'], erasing_best_by_k=by_k,
                erasing_fixed_k=hr['fixed_T']['fixed_erasing'], erasing_oracle_k=hr['oracle_T']['fixed_erasing'])
     if show: print(premise_table(res, seed))
@@ -518,13 +518,13 @@ def best_thresholds(out, crf_thresholds=None, device='cpu', progress=False, sett
     best = {k: {cue: best_threshold(c) for cue, c in v.items()} for k, v in m['headroom']['threshold_curve'].items()}
     if crf_thresholds:
         cf = m['config']
-        S = settings or DemoSettings.for_args(n_classes=cf['n_classes'], image_size=cf['image_size'], seed=cf['seed'], data=cf['data'])
-        P = prepare_inputs(S, out, cf['seed'], cf['n_images'], cf['n_classes'], cf['image_size'], device, resume=True, progress=progress)
-        strengths, _ = run_methods(S, P['clf'], P['bank'], P['ds'].labels, cf['image_size'], device, Path(out), True, progress, runs={},
-                                    saliency=P['saliency'])
+        settings = settings or DemoSettings.for_args(n_classes=cf['n_classes'], image_size=cf['image_size'], seed=cf['seed'], data=cf['data'])
+        inputs = prepare_inputs(settings, out, cf['seed'], cf['n_images'], cf['n_classes'], cf['image_size'], device, resume=True, progress=progress)
+        strengths, _ = run_methods(settings, inputs['clf'], inputs['bank'], inputs['ds'].labels, cf['image_size'], device, Path(out), True, progress, runs={},
+                                    saliency=inputs['saliency'])
         for k, s in strengths.items():
-            curve = {t: score_masks(crf_refine(P['ds'].images, s, P['ds'].labels, bg_threshold=t, workers=S.crf_workers if len(P['ds']) > 128 else 0),
-                                    P['ds'].masks, cf['n_classes'])[0] for t in crf_thresholds}
+            curve = {t: score_masks(crf_refine(inputs['ds'].images, s, inputs['ds'].labels, bg_threshold=t, workers=settings.crf_workers if len(inputs['ds']) > 128 else 0),
+                                    inputs['ds'].masks, cf['n_classes'])[0] for t in crf_thresholds}
             best[k]['crf'] = best_threshold(curve)
     return best
 
@@ -583,12 +583,12 @@ def plot_steps_vs_size(areas, steps, path=None):
 def plot_probs_by_step(result, areas, path=None):
     "The judge's p(j | F^t) against step for every object, coloured by its area: small objects should drop below the stop threshold first."
     import matplotlib.pyplot as plt
-    P = result.probs.numpy(); a = np.log10(np.asarray(areas, dtype=float).clip(min=1))
+    probs = result.probs.numpy(); a = np.log10(np.asarray(areas, dtype=float).clip(min=1))
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
     cmap = plt.get_cmap('viridis'); lo, hi = a.min(), max(a.max(), a.min() + 1e-6)
-    ts = np.arange(1, len(P) + 1)
-    for k in np.random.default_rng(0).permutation(P.shape[1])[:300]:
-        ax.plot(ts, P[:, k], '-', lw=0.6, alpha=0.5, color=cmap((a[k] - lo) / (hi - lo)))
+    ts = np.arange(1, len(probs) + 1)
+    for k in np.random.default_rng(0).permutation(probs.shape[1])[:300]:
+        ax.plot(ts, probs[:, k], '-', lw=0.6, alpha=0.5, color=cmap((a[k] - lo) / (hi - lo)))
     ax.set_xlabel('step t'); ax.set_ylabel('judge p(j | F^t)'); ax.set_xticks(ts); ax.set_ylim(-0.02, 1.02)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi)); fig.colorbar(sm, ax=ax, label='log10 area (px)')
     ax.set_title('300 objects; a line ends at its stop', fontsize=10)

@@ -180,13 +180,13 @@ def pseudo_mask(data:ExplorerData, method:str, i:int, cue:str='threshold') -> to
     if cue not in data.cues(): raise ValueError(f"cue {cue!r} is not available here; use one of {data.cues()}")
     key = (method, i, cue)
     if key not in data.cache:
-        S, s, lab = data.settings, data.strengths[method][i:i+1].float(), data.labels[i:i+1]
+        settings, s, lab = data.settings, data.strengths[method][i:i+1].float(), data.labels[i:i+1]
         size = tuple(data.images.shape[-2:])
         if cue == 'crf':
-            m = crf_refine(data.images[i:i+1], s, lab, bg_threshold=S.bg_threshold(method, crf=True), workers=0)
+            m = crf_refine(data.images[i:i+1], s, lab, bg_threshold=settings.bg_threshold(method, crf=True), workers=0)
         else:
             sal = data.saliency[i:i+1] if cue == 'saliency' else None
-            m = pseudo_masks(s, lab, size=size, bg_threshold=S.bg_threshold(method, cue=cue), saliency=sal)
+            m = pseudo_masks(s, lab, size=size, bg_threshold=settings.bg_threshold(method, cue=cue), saliency=sal)
         data.cache[key] = m[0]
     return data.cache[key]
 
@@ -246,23 +246,23 @@ def erasing_by_step(modulator, bank, labels, cfg:ErasingConfig, device='cpu') ->
             for k in range(1, cfg.steps + 1)]
 
 # %% ../nbs/12_explorer.ipynb #954d6210
-def explorer_data(S:DemoSettings, images, masks, labels, clf, bank, result:MiningResult, saliency=None,
+def explorer_data(settings:DemoSettings, images, masks, labels, clf, bank, result:MiningResult, saliency=None,
                   device='cpu', source='') -> ExplorerData:
     "Gather what the explorer shows: CAM and fixed-step erasing recomputed on `bank`, the multi-miner's `result` as it is."
     labels = torch.as_tensor(labels).float()
     o = result.objects
     cam = normalized_cam(clf.modulator, bank[int(images.shape[-1])], device=device)
-    er = erasing_by_step(clf.modulator, bank, labels, S.erasing, device=device)
+    er = erasing_by_step(clf.modulator, bank, labels, settings.erasing, device=device)
     steps = dict(cam=[dict(scale=int(images.shape[-1]), maps=_u8(cam[o[:, 0], o[:, 1]]))], fixed_erasing=[])
     prev = torch.zeros_like(er[0])
     for k, s in enumerate(er, 1):       # what step k erased: where the strength rose at step k
-        steps['fixed_erasing'].append(dict(scale=S.erasing.scale(k), maps=_u8(torch.where(s > prev, s, 0.)[o[:, 0], o[:, 1]])))
+        steps['fixed_erasing'].append(dict(scale=settings.erasing.scale(k), maps=_u8(torch.where(s > prev, s, 0.)[o[:, 0], o[:, 1]])))
         prev = s
     steps['multiminer'] = [dict(scale=int(sm['scale']), maps=255 - sm['maps']) for sm in result.step_maps]
     if not steps['multiminer']:         # no per-step maps kept: one entry per step run, for no object
         steps['multiminer'] = [dict(scale=int(h['scale']), maps=torch.zeros((0,) + tuple(result.merged.shape[-2:]), dtype=torch.uint8))
                                for h in result.history]
-    return ExplorerData(images=images, masks=masks, labels=labels, result=result, saliency=saliency, settings=S, source=source,
+    return ExplorerData(images=images, masks=masks, labels=labels, result=result, saliency=saliency, settings=settings, source=source,
                         strengths=dict(cam=cam, fixed_erasing=er[-1], multiminer=result.strength()), steps=steps)
 
 # %% ../nbs/12_explorer.ipynb #025e6d07
@@ -285,22 +285,22 @@ def load_demo(folder='runs/demo', device='cpu', progress=True) -> ExplorerData:
                                         f"make one with `multiminer demo --out {folder}`, or use `mine_small()`")
     t0 = time.time()
     metrics = json.loads((folder/'metrics.json').read_text()); cfg = metrics['config']
-    S = settings_from_dict(cfg['settings'])
+    settings = settings_from_dict(cfg['settings'])
     ds = make_synthetic(cfg['data'], cfg['n_images'], cfg['n_classes'], cfg['image_size'], cfg['seed'])
     clf = load_classifier(folder/'classifier', device=device); freeze(clf.extractor)
-    miner = MultiMiner(clf.modulator, S.mining, device=device)
+    miner = MultiMiner(clf.modulator, settings.mining, device=device)
     miner.load(folder/'mining'/'mining_state.pt')
     if not torch.equal(miner.state.objects, (ds.labels > 0.5).nonzero()):
         raise ValueError(f"{folder}: the mining state's objects differ from the images regenerated from its metrics.json")
     result = miner.result(len(ds), cfg['n_classes'])
-    bank = feature_bank(clf.extractor, ds.images, sorted(set(S.mining.scales) | {cfg['image_size']}), device=device)
+    bank = feature_bank(clf.extractor, ds.images, sorted(set(settings.mining.scales) | {cfg['image_size']}), device=device)
     saliency = None
     if (folder/'saliency'/'model.pt').is_file():
         saliency = saliency_maps(load_segmentation_model(folder/'saliency'/'model.pt', device=device), ds.images, device=device)
-    data = explorer_data(S, ds.images, ds.masks, ds.labels, clf, bank, result, saliency, device, source=str(folder))
+    data = explorer_data(settings, ds.images, ds.masks, ds.labels, clf, bank, result, saliency, device, source=str(folder))
     data.info = dict(seconds=round(time.time() - t0, 1), saved_pseudo_miou={k: v['threshold'] for k, v in metrics['pseudo_miou'].items()},
                      pseudo_miou={k: round(score_masks(pseudo_masks(s, ds.labels, size=cfg['image_size'],
-                                                                   bg_threshold=S.bg_threshold(k)),
+                                                                   bg_threshold=settings.bg_threshold(k)),
                                                       ds.masks, cfg['n_classes'])[0], 2) for k, s in data.strengths.items()})
     if progress: print(f"opened {folder} in {data.info['seconds']}s: {len(ds)} images, {len(result.objects)} objects; "
                        f"pseudo-mask mIoU (threshold cue) recomputed {data.info['pseudo_miou']}, saved {data.info['saved_pseudo_miou']}")
@@ -309,25 +309,25 @@ def load_demo(folder='runs/demo', device='cpu', progress=True) -> ExplorerData:
 # %% ../nbs/12_explorer.ipynb #450ed4ab
 def quick_settings(n_classes=4, image_size=64, seed=0, max_steps=6) -> DemoSettings:
     "The demo's settings at a small image size and at most `max_steps` steps, every step's maps kept: `mine_small` runs in under a minute on two CPU cores."
-    S = DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed)
-    S.mining = replace(S.mining, max_steps=max_steps, keep_step_maps=-1)
-    return S
+    settings = DemoSettings.for_args(n_classes=n_classes, image_size=image_size, seed=seed)
+    settings.mining = replace(settings.mining, max_steps=max_steps, keep_step_maps=-1)
+    return settings
 
 # %% ../nbs/12_explorer.ipynb #04c198a2
 def mine_small(n_images=100, n_classes=4, image_size=64, seed=0, device='cpu', settings:DemoSettings=None,
                progress=False, out=None) -> ExplorerData:
     "Mine a small `SyntheticScenes` set here (classifier, saliency, CAM, erasing, multi-miner) keeping every step's maps; `out`: keep the checkpoints there."
-    S = settings or quick_settings(n_classes, image_size, seed)
+    settings = settings or quick_settings(n_classes, image_size, seed)
     t0, secs = time.time(), {}
     with tempfile.TemporaryDirectory() as tmp:
-        P = prepare_inputs(S, Path(out or tmp), seed, n_images, n_classes, image_size, device=device, progress=progress, secs=secs)
-    ds, t1 = P['ds'], time.time()
-    result = MultiMiner(P['clf'].modulator, S.mining, device=device).run(P['bank'], ds.labels, progress=progress,
-                                                                  saliency=P['saliency'])
+        inputs = prepare_inputs(settings, Path(out or tmp), seed, n_images, n_classes, image_size, device=device, progress=progress, secs=secs)
+    ds, t1 = inputs['ds'], time.time()
+    result = MultiMiner(inputs['clf'].modulator, settings.mining, device=device).run(inputs['bank'], ds.labels, progress=progress,
+                                                                  saliency=inputs['saliency'])
     secs['mining'], t1 = round(time.time() - t1, 2), time.time()
-    data = explorer_data(S, ds.images, ds.masks, ds.labels, P['clf'], P['bank'], result, P['saliency'], device, source='mined here')
+    data = explorer_data(settings, ds.images, ds.masks, ds.labels, inputs['clf'], inputs['bank'], result, inputs['saliency'], device, source='mined here')
     secs['cam_and_erasing'] = round(time.time() - t1, 2)
-    data.info = dict(seconds=round(time.time() - t0, 1), seconds_by_stage=secs, saliency_fg_iou=P['saliency_fg_iou'])
+    data.info = dict(seconds=round(time.time() - t0, 1), seconds_by_stage=secs, saliency_fg_iou=inputs['saliency_fg_iou'])
     return data
 
 # %% ../nbs/12_explorer.ipynb #f1c69f16

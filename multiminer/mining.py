@@ -480,7 +480,7 @@ class MiningResult:
         return 1 - self.region_maps()
 
     @property
-    def bg_threshold(self) -> float:
+    def mined_threshold(self) -> float:
         "The pseudo masks' background threshold on `strength()` that says 'mined' exactly as the stop rule does: 1 - region_threshold."
         return 1 - self.region_threshold
 

@@ -69,27 +69,27 @@ def foreground_iou(saliency, masks, threshold) -> float:
     return 100 * float((s & g).sum() / (s | g).sum().clamp(min=1))
 
 # %% ../nbs/08a_pipeline.ipynb #d6b4e08a
-def prepare_inputs(S, out, seed, n_images, n_classes, image_size, device='cpu', resume=False, progress=True, secs=None) -> dict:
+def prepare_inputs(settings, out, seed, n_images, n_classes, image_size, device='cpu', resume=False, progress=True, secs=None) -> dict:
     "What every experiment starts from: the data, the stage-0 classifier, the features at every scale and the saliency cues."
     secs = {} if secs is None else secs
     def stage(name, t0): secs[name] = round(time.time() - t0, 2); say(progress, f"   [{name}: {secs[name]:.1f}s]")
     out = Path(out)
-    t0 = time.time(); say(progress, f"== data: {S.data} ({n_images} images, {n_classes} classes, {image_size}px, seed {seed})")
-    ds = make_synthetic(S.data, n_images, n_classes, image_size, seed)
+    t0 = time.time(); say(progress, f"== data: {settings.data} ({n_images} images, {n_classes} classes, {image_size}px, seed {seed})")
+    ds = make_synthetic(settings.data, n_images, n_classes, image_size, seed)
     stage('data', t0)
 
     t0 = time.time(); say(progress, "== stage 0: classifier (extractor + modulator, multi-label loss)")
-    clf = train_classifier(S.classifier, ds, device=device, progress=progress, out_dir=out/'classifier', resume=resume)
+    clf = train_classifier(settings.classifier, ds, device=device, progress=progress, out_dir=out/'classifier', resume=resume)
     freeze(clf.extractor); stage('classifier', t0)
 
-    t0 = time.time(); scales = sorted(set(S.mining.scales) | {image_size})
+    t0 = time.time(); scales = sorted(set(settings.mining.scales) | {image_size})
     say(progress, f"== features at scales {scales}")
     bank = feature_bank(clf.extractor, ds.images, scales, device=device)
     stage('features', t0)
 
-    t0 = time.time(); say(progress, f"== saliency network on its own split ({S.n_saliency} images of other classes)")
-    sal_ds = make_synthetic(S.data, S.n_saliency, n_classes, image_size, seed + 200_000, class_seed=1)
-    sal_net = train_saliency(S.saliency, sal_ds, device=device, out_dir=out/'saliency', resume=resume)
+    t0 = time.time(); say(progress, f"== saliency network on its own split ({settings.n_saliency} images of other classes)")
+    sal_ds = make_synthetic(settings.data, settings.n_saliency, n_classes, image_size, seed + 200_000, class_seed=1)
+    sal_net = train_saliency(settings.saliency, sal_ds, device=device, out_dir=out/'saliency', resume=resume)
     saliency = saliency_maps(sal_net, ds.images, device=device)
     sal_iou = round(foreground_iou(saliency, ds.masks, SALIENCY_BG), 2)
     say(progress, f"   saliency foreground IoU on the mined images: {sal_iou:.1f}")
@@ -97,42 +97,42 @@ def prepare_inputs(S, out, seed, n_images, n_classes, image_size, device='cpu', 
     return dict(ds=ds, clf=clf, bank=bank, saliency=saliency, saliency_fg_iou=sal_iou)
 
 # %% ../nbs/08a_pipeline.ipynb #79c5198b
-def run_erasing(S, clf, bank, labels, device='cpu', progress=True):
-    "Fixed-step erasing run once for `erasing_max_steps` steps (at least K) with every step kept: `strength_after(S.erasing.steps)` is the K-step baseline."
-    cfg = ErasingConfig(**{**asdict(S.erasing), 'steps': max(S.erasing.steps, S.erasing_max_steps)})
+def run_erasing(settings, clf, bank, labels, device='cpu', progress=True):
+    "Fixed-step erasing run once for `erasing_max_steps` steps (at least K) with every step kept: `strength_after(settings.erasing.steps)` is the K-step baseline."
+    cfg = ErasingConfig(**{**asdict(settings.erasing), 'steps': max(settings.erasing.steps, settings.erasing_max_steps)})
     return fixed_erasing(clf.modulator, bank, labels, cfg, device=device, progress=progress, keep_steps=True)
 
 # %% ../nbs/08a_pipeline.ipynb #0484984f
-def run_methods(S, clf, bank, labels, image_size, device, out=None, resume=False, progress=True, callback=None, runs:dict=None,
+def run_methods(settings, clf, bank, labels, image_size, device, out=None, resume=False, progress=True, callback=None, runs:dict=None,
                 saliency=None):
     "CAM seeds, fixed-step erasing (K steps) and the multi-miner on one feature bank: their strengths and the mining result; given a dict `runs`, erasing runs `erasing_max_steps` and `runs['erasing']` receives the run."
     cam = normalized_cam(clf.modulator, bank[image_size], device=device)
-    if runs is None: erasing = fixed_erasing(clf.modulator, bank, labels, S.erasing, device=device, progress=progress)
-    else: erasing = runs['erasing'] = run_erasing(S, clf, bank, labels, device, progress)
-    result = MultiMiner(clf.modulator, S.mining, device=device).run(
+    if runs is None: erasing = fixed_erasing(clf.modulator, bank, labels, settings.erasing, device=device, progress=progress)
+    else: erasing = runs['erasing'] = run_erasing(settings, clf, bank, labels, device, progress)
+    result = MultiMiner(clf.modulator, settings.mining, device=device).run(
         bank, labels, out_dir=None if out is None else out/'mining', resume=resume, progress=progress, callback=callback,
         saliency=saliency)
-    return dict(cam=cam, fixed_erasing=erasing.strength_after(S.erasing.steps), multiminer=result.strength()), result
+    return dict(cam=cam, fixed_erasing=erasing.strength_after(settings.erasing.steps), multiminer=result.strength()), result
 
 # %% ../nbs/08a_pipeline.ipynb #7f16284c
-def all_pseudo_masks(S, strengths, result, images, labels, saliency, crf=True, secs:dict=None):
+def all_pseudo_masks(settings, strengths, result, images, labels, saliency, crf=True, secs:dict=None):
     "{method: {cue: (N, H, W) uint8 pseudo masks}} for the cues threshold, crf (when `crf`) and saliency; `secs['crf']` receives the CRF's seconds."
     size, byte = tuple(images.shape[-2:]), lambda m: m.to(torch.uint8)   # 0..C and 255 fit a byte: 1/8 of int64's memory
     out = {}
     for k, s in strengths.items():
-        bg = S.bg_threshold(k)
+        bg = settings.bg_threshold(k)
         out[k] = dict(threshold=byte(pseudo_masks(s, labels, size=size, bg_threshold=bg)),
-                      saliency=byte(pseudo_masks(s, labels, size=size, bg_threshold=S.bg_threshold(k, cue='saliency'), saliency=saliency)))
+                      saliency=byte(pseudo_masks(s, labels, size=size, bg_threshold=settings.bg_threshold(k, cue='saliency'), saliency=saliency)))
         if crf:
             t0 = time.time()
-            out[k]['crf'] = byte(crf_refine(images, s, labels, bg_threshold=S.bg_threshold(k, crf=True), workers=S.crf_workers if len(images) > 128 else 0))
+            out[k]['crf'] = byte(crf_refine(images, s, labels, bg_threshold=settings.bg_threshold(k, crf=True), workers=settings.crf_workers if len(images) > 128 else 0))
             if secs is not None: secs['crf'] = secs.get('crf', 0.) + time.time() - t0
     return out
 
 # %% ../nbs/08a_pipeline.ipynb #e09d0039
-def train_and_score(S, name, images, target, val, n_classes, out, device='cpu', resume=False):
+def train_and_score(settings, name, images, target, val, n_classes, out, device='cpu', resume=False):
     "Segmentation mIoU (percent) on the validation split of a network trained on `target` masks."
-    model = train_segmentation(S.segmentation, images, target, device=device, out_dir=Path(out)/'segmentation'/name,
+    model = train_segmentation(settings.segmentation, images, target, device=device, out_dir=Path(out)/'segmentation'/name,
                                resume=resume, progress=False)
     return round(evaluate(model, val.images, val.masks, n_classes=n_classes + 1, device=device), 2)
 
@@ -431,12 +431,12 @@ def snapshot_result(result, folder, t):
 
 # %% ../nbs/08a_pipeline.ipynb #412b640d
 def merged_miou(result, labels, mask_of) -> float:
-    "mIoU (%) of `result`'s pseudo masks (threshold cue at result.bg_threshold, no CRF) against mask_of(i), (H, W), image by image at each mask's size."
+    "mIoU (%) of `result`'s pseudo masks (threshold cue at result.mined_threshold, no CRF) against mask_of(i), (H, W), image by image at each mask's size."
     K = result.n_classes + 1
     conf = torch.zeros(K, K, dtype=torch.long)
     for i in range(result.n_images):
         gt = mask_of(i)        # without a CRF, image_pseudo_mask reads only the size (H, W) of its first argument
-        conf += confusion_matrix(image_pseudo_mask(gt, image_strength(result, i), labels[i], result.bg_threshold, None,
+        conf += confusion_matrix(image_pseudo_mask(gt, image_strength(result, i), labels[i], result.mined_threshold, None,
                                              SALIENCY_BG, False), gt, K)
     return miou(conf)
 

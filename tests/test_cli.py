@@ -178,17 +178,17 @@ def test_synthetic_data_is_the_demos(tmp_path):
         c, m = tmp_path/f'c_{data}', tmp_path/f'm_{data}'
         syn = ['--data', data, '--n-images', 16, '--image-size', 32, '--quiet']
         assert run_cli('train-classifier', *syn, '--epochs', 1, '--out', c)[0] == 0
-        S = DemoSettings.for_args(n_classes=4, image_size=32, seed=0, data='scenes' if data == 'synthetic' else 'shapes')
+        settings = DemoSettings.for_args(n_classes=4, image_size=32, seed=0, data='scenes' if data == 'synthetic' else 'shapes')
         rec = read_run(c)
         assert rec['data']['kind'] == data
-        assert rec['config'] == json.loads(json.dumps(asdict(replace(S.classifier, epochs=1, num_workers=0))))
+        assert rec['config'] == json.loads(json.dumps(asdict(replace(settings.classifier, epochs=1, num_workers=0))))
         assert rec['config']['small_stride'] == stride
         assert run_cli('mine', '--classifier', c, '--out', m, '--max-steps', 1, '--quiet')[0] == 0
-        assert tuple(read_run(m)['config']['scales']) == S.mining.scales
+        assert tuple(read_run(m)['config']['scales']) == settings.mining.scales
         spec = rec['data']
         ds = synthetic_split(spec)
-        assert isinstance(ds, cls) and torch.equal(ds.images, make_synthetic(S.data, 16, 4, 32, 0).images)
-        assert torch.equal(synthetic_split(spec, 'val', 4).images, make_synthetic(S.data, 4, 4, 32, 100_000).images)
+        assert isinstance(ds, cls) and torch.equal(ds.images, make_synthetic(settings.data, 16, 4, 32, 0).images)
+        assert torch.equal(synthetic_split(spec, 'val', 4).images, make_synthetic(settings.data, 4, 4, 32, 100_000).images)
     assert tuple(read_run(tmp_path/'m_synthetic')['config']['scales'])[0] == 32   # scenes: the first scale is the image size
 
 
@@ -203,22 +203,22 @@ def test_erase_then_pseudo_labels(tmp_path):
     code, out, err = run_cli('erase', '--classifier', tmp_path/'c', '--out', tmp_path/'e', '--steps', 2, '--quiet')
     assert code == 0, err
     rec = read_run(tmp_path/'e')
-    S = DemoSettings.for_args(n_classes=4, image_size=32, seed=0)
+    settings = DemoSettings.for_args(n_classes=4, image_size=32, seed=0)
     assert rec['stage'] == 'erase' and rec['finished'] and rec['config']['steps'] == 2
-    assert tuple(rec['config']['scales']) == S.erasing.scales and rec['config']['n_m'] == S.erasing.n_m
+    assert tuple(rec['config']['scales']) == settings.erasing.scales and rec['config']['n_m'] == settings.erasing.n_m
     res, extra = load_mining_result(tmp_path/'e')
     # the same as fixed_erasing called directly on the classifier's features
     from multiminer.pipeline import synthetic_split
     ds = synthetic_split(rec['data'])
     clf = load_classifier(tmp_path/'c')
-    cfg = S.erasing; cfg.steps = 2
+    cfg = settings.erasing; cfg.steps = 2
     er = fixed_erasing(clf.modulator, FeatureBank(clf.extractor, ds.images, cfg.scales), ds.labels, cfg, progress=False)
     assert torch.allclose(res.strength(), er.strength * (ds.labels > 0.5)[..., None, None], atol=1e-5)
-    assert (res.steps == 2).all() and abs(res.bg_threshold - S.bg_fixed_erasing) < 1e-9   # the demo's threshold for erasing
+    assert (res.steps == 2).all() and abs(res.mined_threshold - settings.bg_fixed_erasing) < 1e-9   # the demo's threshold for erasing
     summary = json.loads((tmp_path/'e'/'summary.json').read_text())      # valid JSON (no NaN)
     assert summary['steps'] == 2 and summary['history'][0]['modulator_loss'] is None
     assert run_cli('pseudo-labels', '--mining', tmp_path/'e', '--out', tmp_path/'p', '--quiet')[0] == 0
-    assert abs(read_run(tmp_path/'p')['config']['bg_threshold'] - S.bg_fixed_erasing) < 1e-9
+    assert abs(read_run(tmp_path/'p')['config']['bg_threshold'] - settings.bg_fixed_erasing) < 1e-9
     assert run_cli('pseudo-labels', '--mining', tmp_path/'e', '--out', tmp_path/'pc', '--crf', '--quiet')[0] == 0
     assert read_run(tmp_path/'pc')['config']['bg_threshold'] == DemoSettings.__dataclass_fields__['bg_fixed_erasing_crf'].default
     import shutil

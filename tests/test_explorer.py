@@ -71,13 +71,13 @@ def test_draw_object_errors(kw, msg):
 
 
 def _tiny(image_size=32, keep=-1):
-    S = quick_settings(n_classes=3, image_size=image_size, seed=1, max_steps=3)
-    S.classifier = replace(S.classifier, epochs=2, lr_step_epoch=None)
-    S.mining = replace(S.mining, n_m=1, keep_step_maps=keep)
-    S.erasing = replace(S.erasing, n_m=1)
-    S.saliency = replace(S.saliency, epochs=1)
-    S.n_saliency = 16
-    return S
+    settings = quick_settings(n_classes=3, image_size=image_size, seed=1, max_steps=3)
+    settings.classifier = replace(settings.classifier, epochs=2, lr_step_epoch=None)
+    settings.mining = replace(settings.mining, n_m=1, keep_step_maps=keep)
+    settings.erasing = replace(settings.erasing, n_m=1)
+    settings.saliency = replace(settings.saliency, epochs=1)
+    settings.n_saliency = 16
+    return settings
 
 
 @pytest.fixture(scope='module')
@@ -90,8 +90,8 @@ def demo_folder(tmp_path_factory):
 
 def test_settings_round_trip(demo_folder):
     d = json.loads((demo_folder/'metrics.json').read_text())['config']['settings']
-    S = settings_from_dict(d)
-    assert S.to_dict() == d
+    settings = settings_from_dict(d)
+    assert settings.to_dict() == d
     with pytest.raises(ValueError, match='lack'): settings_from_dict({'mining': {}})
 
 

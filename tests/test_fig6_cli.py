@@ -26,7 +26,7 @@ def test_by_steps_is_the_demos_score_and_resumes(tmp_path):
     # the last value is the demo's (batched) pseudo-mask mIoU of the finished result, and what pseudo-labels prints
     r, extra = load_mining_result(m)
     ds = synthetic_split(rec['data'])
-    assert abs(curve[-1] - pseudo_miou(r.strength(), extra['labels'], ds.masks, r.bg_threshold)) < 1e-9
+    assert abs(curve[-1] - pseudo_miou(r.strength(), extra['labels'], ds.masks, r.mined_threshold)) < 1e-9
     ok('pseudo-labels', '--mining', m, '--out', tmp_path/'p')
     assert json.loads((tmp_path/'p'/'summary.json').read_text())['miou'] == round(curve[-1], 2)
     ok('pseudo-labels', '--mining', m, '--out', tmp_path/'p2', '--steps', 2)

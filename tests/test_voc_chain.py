@@ -181,7 +181,7 @@ def test_fig6_by_steps_on_voc(chain):
     for i in range(len(TRAIN)):            # each image at its own size, from the dense strengths of mining_result.pt
         gt = torch.as_tensor(ds.load_mask(i))
         pm = pseudo_masks(result.strength()[i:i + 1], extra['labels'][i:i + 1], size=tuple(gt.shape),
-                          bg_threshold=result.bg_threshold)[0]
+                          bg_threshold=result.mined_threshold)[0]
         conf = conf + confusion_matrix(pm, gt, 21)
     assert abs(curve[-1] - miou(conf)) < 1e-6
     assert (d/'fig_miou_by_steps.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -209,7 +209,7 @@ def test_fig6_pseudo_labels_steps_on_voc(chain):
     snap = load_checkpoint(t/'mining'/'snapshots'/'step_1.pt')
     r1 = MiningResult(objects=snap['objects'], steps=snap['steps'], merged=snap['merged'].float() / 255, n_images=2,
                       n_classes=20, region_threshold=result.region_threshold)
-    want = pseudo_masks(r1.strength(), extra['labels'], size=SIZE, bg_threshold=r1.bg_threshold)
+    want = pseudo_masks(r1.strength(), extra['labels'], size=SIZE, bg_threshold=r1.mined_threshold)
     got = _masks(t/'pseudo-1')
     assert all(np.array_equal(got[k], want[i].numpy()) for i, k in enumerate(TRAIN))
     assert read_run(t/'pseudo-1')['config']['steps'] == 1
