@@ -10,7 +10,7 @@ __all__ = ['IGNORE_INDEX', 'VOC_CLASSES', 'VOC_PALETTE', 'VOC_URL', 'SBD_URL', '
            'voc_image', 'VOCImages', 'save_mask_png', 'PseudoMaskDataset', 'VOCTestImages']
 
 # %% ../nbs/01_data.ipynb #0c453a49
-import codecs, math, numbers, os, time
+import codecs, math, numbers, os, time, unicodedata, warnings
 from pathlib import Path
 from typing import Optional
 
@@ -955,13 +955,16 @@ def _unreadable(kind, path, e):
 # %% ../nbs/01_data.ipynb #76ce7418
 MAX_IMAGE_PIXELS = 2048 * 2048   # 17x VOC's largest image (500 x 500): what the loaders read; a larger one is refused
 
-def image_file_size(path) -> tuple:
-    "(H, W) of an image file from its header alone (nothing is decoded); a damaged file, or one over `MAX_IMAGE_PIXELS`, is a `ValueError` that names it."
+def image_file_size(path, kind:str='image') -> tuple:
+    "(H, W) of an image (or, with `kind='mask'`, a mask) file from its header alone (nothing is decoded); a damaged file, or one over `MAX_IMAGE_PIXELS`, is a `ValueError` that names it."
     try:
-        with Image.open(path) as im: w, h = im.size
-    except Exception as e: raise _unreadable('image', path, e) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # the size is judged below, against our own limit
+            with Image.open(path) as im: w, h = im.size
+    except Image.DecompressionBombError as e: raise ValueError(f"the {kind} {path} is too large to read ({e})") from None
+    except Exception as e: raise _unreadable(kind, path, e) from None
     if w * h > MAX_IMAGE_PIXELS:
-        raise ValueError(f"the image {path} is {w} x {h} pixels, over the {MAX_IMAGE_PIXELS:,} that an image may have "
+        raise ValueError(f"the {kind} {path} is {w} x {h} pixels, over the {MAX_IMAGE_PIXELS:,} that an image may have "
                          f"(MAX_IMAGE_PIXELS; one such image costs gigabytes in the dense CRF); resize it, or leave its id out of the split")
     return h, w
 
@@ -976,6 +979,7 @@ def read_image_file(path) -> np.ndarray:
 def read_mask_file(path) -> np.ndarray:
     "A mask file (PNG of class indices, or SBD's .mat) as an (H, W) array; a damaged file, or one that is not one channel of class indices (an RGB picture), is a `ValueError` that names it."
     from PIL import Image
+    if not str(path).endswith('.mat'): image_file_size(path, 'mask')   # the header first: a too large mask is refused undecoded
     try:
         if str(path).endswith('.mat'): mask = _read_sbd_mask(str(path))
         else:
@@ -1065,6 +1069,10 @@ def read_split_list(path) -> list:
         if n in line_of:
             raise ValueError(f"{path}: the id {n!r} is listed twice (lines {line_of[n]} and {k}): an image would count "
                              f"twice; remove the repeated line")
+        hidden = [c for c in n if unicodedata.category(c) in ('Cf', 'Cc')]
+        if hidden:
+            raise ValueError(f"{path}, line {k}: the id {n!r} holds an invisible character (U+{ord(hidden[0]):04X}, e.g. a "
+                             f"byte-order mark left by joining two files): delete it, so the line names its image")
         if '/' in n or '\\' in n:
             raise ValueError(f"{path}, line {k}: {n!r} is not an image id (ids name files of the image folder, without "
                              f"folders): fix the line")
@@ -1102,7 +1110,9 @@ def voc_dataset(root, split: str = 'train_aug', transform=None, sbd_root=None) -
         images, masks = zip(*map(voc_files, names)) if names else ((), ())
         _check_listed_files(split, [lists[split]], names, images, masks)
         return VOCSegDataset(names, images, masks, split, transform)
-    val = set(read_split_list(lists['val']))
+    val = read_split_list(lists['val'])      # every val id must name a VOC image: a mis-read one would leave its image in training
+    _check_listed_files('val', [lists['val']], val, [voc_files(n)[0] for n in val])
+    val = set(val)
     entries = {n: voc_files(n) for n in read_split_list(lists['train'])}
     for s in ('train', 'val'):                      # SBD's lists, as torchvision's SBDataset reads them
         for n in read_split_list(sbd/f"{s}.txt"):

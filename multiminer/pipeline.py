@@ -140,7 +140,7 @@ def train_and_score(settings, name, images, target, val, n_classes, out, device=
 N_VAL_SYNTHETIC = 200          # images of the synthetic validation split (seed + 100000): DemoSettings.n_val
 
 def synthetic_name(spec) -> str:
-    "The name (`SYNTHETIC_SETS`) of the synthetic set behind a data spec: 'shapes' for --data shapes, else 'scenes' (also for VOC data)."
+    "The name (`SYNTHETIC_SETS`) of the synthetic set behind a data spec: 'shapes' for `--data shapes`, else 'scenes' (also for VOC data)."
     return 'shapes' if spec['kind'] == 'shapes' else 'scenes'
 
 # %% ../nbs/08a_pipeline.ipynb #34e240c5
@@ -224,8 +224,8 @@ def load_stage_network(folder, name, made_by, load, device='cpu'):
     return net
 
 # %% ../nbs/08a_pipeline.ipynb #d23e6129
-def try_resume(path, made_by, restore):
-    "Before any work: `restore(checkpoint)` does on the CPU what the stage will do with it when resuming; what does not fit is named."
+def try_resume(path, made_by, restore, planned:tuple=None):
+    "Before any work: `restore(checkpoint)` does on the CPU what the stage will do with it when resuming; what does not fit is named. `planned` = (flag, total, done): a checkpoint that `done(checkpoint)` finds further on than `total` is refused, since the run would record a `total` its result does not have."
     ck = load_stage_file(path, made_by)
     with reading_stage_file(path, made_by), kept_rng():
         if not isinstance(ck, dict): raise TypeError(f"a {type(ck).__name__}, not a dict of weights and states")
@@ -233,6 +233,12 @@ def try_resume(path, made_by, restore):
         if not isinstance(ck['epoch'] if 'epoch' in ck else 0, int) or not isinstance(ck.get('history', []), list):
             raise TypeError(f"epoch {show_value(ck.get('epoch'))} and history of type {type(ck.get('history')).__name__}, "
                             f"not an integer and a list")
+        if planned is None: return
+        flag, total, done = planned
+        if not isinstance(n := done(ck), int): raise TypeError(f"its progress is {show_value(n)}, not an integer")
+    if n > total:
+        raise UserError(f"cannot --resume {Path(path).parent} with {flag} {total}: it has already run {n}; resume with "
+                        f"{flag} {n} or more, or pass --force to start afresh")
 
 # %% ../nbs/08a_pipeline.ipynb #96c19faa
 def classifier_restore(cfg, ds):
@@ -452,7 +458,7 @@ def snapshot_hashes(out, n_steps:int) -> dict:
 
 # %% ../nbs/08a_pipeline.ipynb #2b5e1932
 def check_snapshot_steps(t, up, folder):
-    "pseudo-labels --steps T: only from a `mine --snapshots` folder (`up` its run record), and T at most the steps it ran."
+    "`pseudo-labels --steps T`: only from a `mine --snapshots` folder (`up` its run record), and T at most the steps it ran."
     if up.get('stage') != 'mine':
         raise UserError(f"--steps {t}: {folder} is a `multiminer {up.get('stage')}` folder, which keeps no per-step "
                         f"snapshots; --steps takes a folder of `multiminer mine --snapshots`")
@@ -467,7 +473,7 @@ def check_snapshot_steps(t, up, folder):
 
 # %% ../nbs/08a_pipeline.ipynb #5d34a952
 def check_fig6_flags(out, flags:dict):
-    "Refuse to --resume with other --by-steps / --snapshots than the run in `out` was started with: its first steps would lack them."
+    "Refuse to `--resume` with other `--by-steps` / `--snapshots` than the run in `out` was started with: its first steps would lack them."
     then = read_run(out)
     given = lambda v: 'given' if v else 'not given'
     diff = [f"--{k.replace('_', '-')} {given(then.get(k))} then, {given(v)} now" for k, v in flags.items() if bool(then.get(k)) != v]
@@ -504,7 +510,7 @@ def write_test_predictions(model, ds, folder, crf=False, workers=0, scales=(1.0,
 
 # %% ../nbs/08a_pipeline.ipynb #ecbc80e9
 def write_evaluation(out, result_file, res, argv, preset, spec, input_size, seed):
-    "Write `res` to `result_file`, then `out`/run.json with the hashes of every eval_*.json and of the test predictions beside them."
+    "Write `res` to `result_file`, then `out`/run.json with the hashes of every `eval_*.json` and of the test predictions beside them."
     write_json(result_file, res)
     outputs = {p.name: file_sha256(p) for p in sorted(out.glob('eval_*.json'))}
     if (out/VOC_TEST_RESULTS).is_dir(): outputs[VOC_TEST_RESULTS] = tree_sha256(out/VOC_TEST_RESULTS)

@@ -182,7 +182,7 @@ def say(show:bool, *msg):
 
 # %% ../nbs/00a_runtime.ipynb #134ac0c9
 def ordered_map(fn, jobs, workers:int=0):
-    "`fn(*job)` for every job of the iterable `jobs`, yielded in order; in `workers` spawned processes when `workers` > 1 (at most 2 * `workers` jobs pending), else here."
+    "For every job of the iterable `jobs`, `fn(*job)`, yielded in order; in `workers` spawned processes when `workers` > 1 (at most twice `workers` jobs pending), else here."
     if workers <= 1:
         for job in jobs: yield fn(*job)
         return
@@ -210,7 +210,7 @@ def atomic_save(obj, path):
     with atomic_path(path) as tmp:
         try: torch.save(obj, tmp)
         except RuntimeError as e:     # torch's writer reports a failed write (ENOSPC, EIO) as a RuntimeError
-            if 'write' not in str(e).lower(): raise
+            if not any(w in str(e).lower() for w in ('write', 'iostream', 'unexpected pos', 'file')): raise
             raise OSError(errno.EIO, f"the file could not be written ({' '.join(str(e).split())[:160]}); is the disk full?",
                           str(path)) from None
 
@@ -371,16 +371,19 @@ def absolute_path(p):
 def lock_path(out) -> Path:
     "The lock file of the output folder `out`: beside it, `.<name>.lock`, so that the folder holds only what the run writes."
     p = Path(absolute_path(out))
-    name = p.name if len(p.name) <= 200 else hashlib.sha256(p.name.encode()).hexdigest()[:16]   # within a file name's 255 bytes
+    if not p.name: raise UserError(f"--out {out}: the root of the file system cannot be an output folder; name a folder in it")
+    name = p.name if len(p.name.encode()) <= 200 else hashlib.sha256(p.name.encode()).hexdigest()[:16]   # a name's 255 bytes
     return p.with_name(f".{name}.lock")
 
 def _alive(holder:dict) -> bool:
-    "Whether the process that wrote the lock record `holder` still runs (one on another machine is taken to)."
-    if holder.get('host') != socket.gethostname(): return True
-    try: os.kill(int(holder.get('pid')), 0)
+    "Whether the process that wrote the lock record `holder` still runs (one on another machine is taken to); a damaged record (no host, no positive pid) holds nothing: a lock file appears whole (`out_lock` links a written one), so it is no lock being written."
+    if not isinstance(holder, dict) or not isinstance(holder.get('host'), str) or type(holder.get('pid')) is not int \
+       or holder['pid'] <= 0: return False
+    if holder['host'] != socket.gethostname(): return True
+    try: os.kill(holder['pid'], 0)
     except ProcessLookupError: return False
     except PermissionError: return True
-    except (TypeError, ValueError, OverflowError): return False
+    except OverflowError: return False
     return True
 
 # %% ../nbs/00a_runtime.ipynb #5071e522
@@ -399,6 +402,21 @@ def _remove_empty(folders):
     for a in folders:
         with contextlib.suppress(OSError): a.rmdir()
 
+def _holder(lock) -> dict:
+    "The record in a lock file ({} when it is gone or damaged)."
+    try: return json.loads(Path(lock).read_text())
+    except (OSError, ValueError): return {}
+
+def _check_enclosing(folder, out):
+    "Refuse an `--out` inside a folder that another live process holds the lock of (a demo writes all of its folder)."
+    for a in Path(folder).parents:
+        if not a.name: break
+        h = _holder(lock_path(a))
+        if _alive(h) and h.get('pid') != os.getpid():
+            raise UserError(f"--out {out} is inside {a}, which process {h['pid']} (`multiminer {h.get('command')}`, started "
+                            f"{h.get('started')}) is writing: one folder holds one run; wait until it ends, or choose "
+                            f"an --out outside it")
+
 @contextlib.contextmanager
 def out_lock(out, command:str):
     "Hold the advisory lock of the output folder `out` while the block runs; a live holder is a `UserError` naming it, a stale lock is taken over. Folders made for the lock are removed with it while they are empty."
@@ -406,12 +424,13 @@ def out_lock(out, command:str):
     me = dict(pid=os.getpid(), host=socket.gethostname(), command=command, started=time.strftime('%Y-%m-%d %H:%M:%S'))
     tmp = p.with_name(f"{p.name}.{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(me))
+        _check_enclosing(absolute_path(out), out)
+        try: tmp.write_text(json.dumps(me))
+        except OSError as e: raise OSError(e.errno, e.strerror, str(tmp)) from None     # ENOSPC names no file by itself
         for _ in range(3):
             try: os.link(tmp, p); break
             except FileExistsError:
-                try: holder = json.loads(p.read_text())
-                except (OSError, ValueError): holder = {}
+                holder = _holder(p)
                 if _alive(holder):
                     raise UserError(f"--out {out} is being written by process {holder.get('pid')} on {holder.get('host')} "
                                     f"(`multiminer {holder.get('command')}`, started {holder.get('started')}): one folder "
@@ -423,9 +442,8 @@ def out_lock(out, command:str):
     tmp.unlink(missing_ok=True)
     try: yield p
     finally:
-        try:
-            if json.loads(p.read_text()).get('pid') == os.getpid(): p.unlink()
-        except (OSError, ValueError): pass
+        if _alive(h := _holder(p)) and h['pid'] == os.getpid():
+            with contextlib.suppress(OSError): p.unlink()
         _remove_empty(made)
 
 # %% ../nbs/00a_runtime.ipynb #b6d6cc8d
@@ -489,7 +507,7 @@ _READS = {'train-classifier': ('classifier.pt',), 'mine': ('mining_result.pt',),
 NEW_OUTS = []     # --out folders this command found empty: a failure before they hold more than run.json empties them again
 
 def take_back():
-    "After a failure: a new --out that holds only the run.json of its unfinished run is left empty, as it was found."
+    "After a failure: a new `--out` that holds only the run.json of its unfinished run is left empty, as it was found."
     while NEW_OUTS:
         out = NEW_OUTS.pop()
         if not is_main(): continue
@@ -545,7 +563,7 @@ def check_same_data(up, spec, fingerprint, option, folder):
 
 # %% ../nbs/00a_runtime.ipynb #61039e41
 def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
-    "Check --out before any work; 'new' (nothing there, or replaced with `force`), or the state of the run `resume` continues."
+    "Check `--out` before any work; 'new' (nothing there, or replaced with `force`), or the state of the run `resume` continues."
     out = Path(out)
     if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file, not a folder: choose a folder name")
     if out.is_symlink() and not out.exists():
@@ -582,7 +600,7 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
 
 # %% ../nbs/00a_runtime.ipynb #d69590e5
 def check_resume(out, now, ignore=()):
-    "Refuse to --resume the run in `out` with other inputs, data or configuration than it was started with."
+    "Refuse to `--resume` the run in `out` with other inputs, data or configuration than it was started with."
     then = read_run(out)
     keys = ('data_fingerprint', 'input_size', 'inputs', 'config')
     diff = differences({k: then.get(k) for k in keys}, {k: now.get(k) for k in keys}, ignore=('folder',) + tuple(ignore))

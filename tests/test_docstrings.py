@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 _CODE_SPAN = re.compile(r'(`+)(?:(?!\1).)+?\1', re.S)         # `inline code` (HTML-safe)
 _ANGLE = re.compile(r'<(?!\s|=|-|<)[^<>\n]*[^<>\s=-]>')         # <image id>, <t>; not "a < b", "<=", "->"
 _STARS = re.compile(r'(?<![\w*])\*(?=\S)[^*\n]*\*(?!\*)')          # *other* (not 2*x or **kwargs)
+_DASHES = re.compile(r'(?<![-\w`])--(?=[a-z])')                     # --out: Quarto's typography makes it "–out"
+_LONE_STAR = re.compile(r'(?<=[(_/\[])\*|\*(?=[.)/\]])')             # fn(*job), eval_*.json: a star that ends the italics
 _TEX = re.compile(r'\$[^$\n]+\$|\\[a-zA-Z]+')                     # $H^t$, \epsilon, \tilde
 # HTML a notebook's markdown may use on purpose
 _HTML_OK = re.compile(r'</?(br|img|p|div|span|sub|sup|details|summary|b|i|em|strong|code|a|table|tr|td|th|hr)\b[^<>]*/?>', re.I)
@@ -34,6 +36,9 @@ def docstring_problems(doc):
     first = _outside_code(doc.strip().split('\n')[0]) if doc.strip() else ''
     for m in _STARS.findall(first):
         probs.append(f'{m!r} in the first line ends nbdev\'s italics (use `backticks` or plain words)')
+    if _LONE_STAR.search(first): probs.append('a lone * in the first line ends nbdev\'s italics (write the code in `backticks`)')
+    for m in _DASHES.finditer(prose):
+        probs.append(f'{prose[m.start():m.start() + 12]!r}: "--" outside `backticks` renders as an en dash')
     return probs
 
 def comment_problems(comment):
@@ -123,6 +128,9 @@ def test_crafted_bad_examples_are_caught(tmp_path):
     assert docstring_problems("Saves snapshots/step_<t>.pt") and not docstring_problems("True when a < b and b > c, 2*x*y")
     assert not docstring_problems("The first line.\n\nLater, *this* is plain markdown italics.")
     assert not comment_problems('features F^t, (N, D, h, w), ε > 0')
+    assert docstring_problems("Check --out before any work") and not docstring_problems("Check `--out` before any work; a -- b")
+    assert docstring_problems("Run fn(*job) for each job") and docstring_problems("Writes eval_*.json beside them")
+    assert not docstring_problems("Run `fn(*job)` for each job; writes `eval_*.json`")
     nb = dict(cells=[dict(cell_type='markdown', source=['Writes runs/<name>/x.png; $a<b$ and `<ok>` <br>']),
                      dict(cell_type='code', source=['x = 1 # the map $M^t$']),
                      dict(cell_type='code', source=['#| hide\n', 'y = 2 # $M^t$ hidden'])])

@@ -1,0 +1,148 @@
+"""Reliability, further cases in the same families: damaged lock files, an `--out` inside a folder another run
+holds, `--resume` that would shrink a finished run, split files with invisible characters, a full disk as torch
+reports it, and masks too large to decode. Each ends with one message and exit 2, or runs as documented."""
+import errno, json, os, shutil, socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import multiminer.runtime as runtime
+from multiminer.runtime import atomic_save, lock_path, out_lock, read_run
+from multiminer.data import make_voc_fixture, VOC_PALETTE
+from cli_helpers import run_cli, ok, _one_thread
+
+SYN = ['--data', 'shapes', '--n-images', 16, '--image-size', 32]
+VOC = ['--data', 'voc', '--preset', 'synthetic', '--image-size', 32, '--workers', 0]
+
+
+def refused(needles, *argv):
+    "Exit 2, no traceback, one error line holding every needle."
+    code, out, err = run_cli(*argv, '--quiet')
+    assert code == 2, (code, out, err)
+    lines = [l for l in err.splitlines() if l.startswith(f'multiminer {argv[0]}: error: ')]
+    assert 'Traceback' not in err and len(lines) == 1, err
+    for n in needles: assert str(n) in lines[0], (n, err)
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def clf(tmp_path_factory):
+    t = tmp_path_factory.mktemp('more_syn')
+    ok('train-classifier', *SYN, '--epochs', 3, '--out', t/'c')
+    ok('mine', '--classifier', t/'c', '--out', t/'m', '--max-steps', 3)
+    return t
+
+
+# --- one folder, one run: lock files --------------------------------------------------------------------
+
+def _record(**kw): return json.dumps(dict(dict(pid=os.getpid(), host=socket.gethostname(), command='mine', started='x'), **kw))
+
+@pytest.mark.parametrize('content', ['', 'garbage{', '[1, 2]', '{"pid": "12"}', _record(pid=-1), _record(pid=0),
+                                     _record(pid=True), _record(host=None)],
+                         ids=['empty', 'garbage', 'list', 'pid-string', 'pid-1', 'pid0', 'pid-bool', 'no-host'])
+def test_a_damaged_lock_is_stale(tmp_path, content):
+    "A lock file appears whole (it is linked once written), so one that is no record of a process holds nothing."
+    lock_path(tmp_path/'o').write_text(content)
+    ok('train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'o')
+    assert not lock_path(tmp_path/'o').exists() and read_run(tmp_path/'o')['finished']
+
+def test_a_lock_that_is_a_folder_is_named(tmp_path):
+    lock_path(tmp_path/'o').mkdir()
+    refused([lock_path(tmp_path/'o')], 'train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'o')
+
+def test_root_is_no_output_folder():
+    refused(['--out /', 'root of the file system'], 'train-classifier', *SYN, '--epochs', 1, '--out', '/')
+
+def test_a_long_multibyte_name_is_a_legal_folder(tmp_path):
+    name = 'ä' * 125                                  # 250 bytes: a legal name; `.<name>.lock` would not be
+    assert len(name.encode()) <= 255 and len(lock_path(tmp_path/name).name.encode()) <= 255
+    ok('train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/name)
+
+def test_out_inside_a_folder_another_run_holds(tmp_path):
+    "A live holder of the enclosing folder (pid 1 always runs) refuses a stage writing below it, naming the folder."
+    (tmp_path/'demo').mkdir(); lock_path(tmp_path/'demo').write_text(_record(pid=1, command='demo'))
+    refused([tmp_path/'demo', 'process 1', 'multiminer demo'], 'train-classifier', *SYN, '--epochs', 1,
+            '--out', tmp_path/'demo'/'classifier')
+    assert not (tmp_path/'demo'/'classifier').exists()
+    lock_path(tmp_path/'demo').write_text(_record(pid=2 ** 22 + 12345))   # its process is gone: nothing holds it
+    ok('train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'demo'/'classifier')
+
+def test_our_own_enclosing_lock_does_not_refuse(tmp_path):
+    with out_lock(tmp_path/'a', 'demo'):
+        with out_lock(tmp_path/'a'/'b', 'mine') as p: assert p.exists()
+
+
+# --- resume checks what it reuses -----------------------------------------------------------------------
+
+def test_resume_with_fewer_epochs_than_trained(clf, tmp_path):
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    before = read_run(o)
+    refused(['--epochs 1', 'already run 3', '--force'], 'train-classifier', *SYN, '--epochs', 1, '--out', o, '--resume')
+    assert read_run(o) == before
+
+def test_resume_with_fewer_steps_than_mined(clf, tmp_path):
+    o = shutil.copytree(clf/'m', tmp_path/'m')
+    steps = read_run(o)['steps_run']
+    refused(['--max-steps 1', f'already run {steps}'], 'mine', '--classifier', clf/'c', '--out', o, '--max-steps', 1, '--resume')
+    ok('mine', '--classifier', clf/'c', '--out', o, '--max-steps', 5, '--resume')   # going further is what --resume is for
+
+
+# --- split files ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def voc(tmp_path_factory):
+    t = tmp_path_factory.mktemp('more_voc'); make_voc_fixture(t/'D'); return t
+
+def _tree(voc, tmp_path):
+    d = shutil.copytree(voc/'D', tmp_path/'D'); return d, d/'VOCdevkit'/'VOC2012'
+
+@pytest.mark.parametrize('second', [b'\xef\xbb\xbfv2', 'v2\u200b'.encode(), b'v\x072'])
+def test_val_id_with_an_invisible_character(voc, tmp_path, second):
+    "A byte-order mark inside the file (two files joined), a zero-width space: the id would name no image, and its image would stay in training."
+    d, v = _tree(voc, tmp_path)
+    (v/'ImageSets/Segmentation/val.txt').write_bytes(b'v1\n' + second + b'\n')
+    refused(['val.txt, line 2', 'invisible character'], 'train-classifier', *VOC, '--voc-root', d, '--epochs', 1,
+            '--out', tmp_path/'o')
+
+def test_val_id_that_names_no_image(voc, tmp_path):
+    d, v = _tree(voc, tmp_path)
+    (v/'ImageSets/Segmentation/val.txt').write_text('v1\nv2x\n')
+    refused(["split 'val'", 'val.txt', 'v2x.jpg'], 'train-classifier', *VOC, '--voc-root', d, '--epochs', 1,
+            '--out', tmp_path/'o')
+
+
+# --- faults ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('message', ['basic_ios::clear: iostream error', 'unexpected pos 111872 vs 111768',
+                                     '[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file'])
+def test_a_full_disk_as_torch_reports_it(tmp_path, monkeypatch, message):
+    def full(obj, f): Path(f).write_bytes(b'part'); raise RuntimeError(message)
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(OSError) as e: atomic_save({'a': 1}, tmp_path/'x.pt')
+    assert e.value.filename == str(tmp_path/'x.pt') and 'disk' in str(e.value)
+    assert list(tmp_path.iterdir()) == []                      # no orphan temporary file
+
+def test_other_runtime_errors_of_torch_save_are_not_disguised(tmp_path, monkeypatch):
+    def bad(obj, f): raise RuntimeError('cannot pickle a generator')
+    monkeypatch.setattr(torch, 'save', bad)
+    with pytest.raises(RuntimeError, match='pickle'): atomic_save({'a': 1}, tmp_path/'x.pt')
+
+def test_no_space_for_the_lock_names_the_path(tmp_path, monkeypatch):
+    def full(self, *a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(Path, 'write_text', full)
+    with pytest.raises(OSError) as e:
+        with out_lock(tmp_path/'o', 'mine'): pass
+    assert e.value.errno == errno.ENOSPC and str(tmp_path) in e.value.filename
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- memory bounded by image size -----------------------------------------------------------------------
+
+def test_a_mask_too_large_is_refused_from_its_header(voc, tmp_path):
+    d, v = _tree(voc, tmp_path)
+    im = Image.new('P', (3000, 3000)); im.putpalette(VOC_PALETTE.flatten().tolist()); im.save(v/'SegmentationClass'/'a1.png')
+    refused(['SegmentationClass/a1.png', '3000 x 3000', 'MAX_IMAGE_PIXELS'], 'train-classifier', *VOC, '--voc-root', d,
+            '--epochs', 1, '--out', tmp_path/'o')
