@@ -29,3 +29,14 @@ def ok(*argv):
     code, out, err = run_cli(*argv, '--quiet')
     assert code == 0, err
     return out
+
+
+def refused(needles, *argv):
+    "Exit 2, no traceback, one error line holding every needle (a string or path, or a list of them)."
+    code, out, err = run_cli(*argv, '--quiet')
+    assert code == 2, (code, out, err)
+    lines = [l for l in err.splitlines() if l.startswith(f'multiminer {argv[0]}: error: ')]
+    assert 'Traceback' not in err and len(lines) == 1, err
+    for n in ([needles] if isinstance(needles, (str, bytes)) or hasattr(needles, '__fspath__') else needles):
+        assert str(n) in lines[0], (n, err)
+    return lines[0]

@@ -11,21 +11,13 @@ from scipy.io import savemat
 
 from multiminer.runtime import read_run, output_sha256, RUN_MAX_BYTES
 from multiminer.data import make_voc_fixture, VOC_PALETTE
-from cli_helpers import run_cli, ok, _one_thread
+from cli_helpers import run_cli, ok, refused, _one_thread
 
 SYN = ['--data', 'shapes', '--n-images', 16, '--image-size', 32]
 VOC = ['--preset', 'synthetic', '--image-size', 32, '--workers', 0]
 RUN = 'run.json'
 
 
-def refused(needles, *argv):
-    "Exit 2, no traceback, one error line holding every needle (the file's path among them)."
-    code, out, err = run_cli(*argv, '--quiet')
-    assert code == 2, (code, out, err)
-    lines = [l for l in err.splitlines() if l.startswith(f'multiminer {argv[0]}: error: ')]
-    assert 'Traceback' not in err and len(lines) == 1, err
-    for n in ([needles] if isinstance(needles, (str, Path)) else needles): assert str(n) in lines[0], (n, err)
-    return lines[0]
 
 
 def copy(src, dst): shutil.copytree(src, dst, symlinks=True); return Path(dst)

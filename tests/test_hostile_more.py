@@ -12,20 +12,12 @@ from PIL import Image
 import multiminer.runtime as runtime
 from multiminer.runtime import atomic_save, lock_path, out_lock, read_run
 from multiminer.data import make_voc_fixture, VOC_PALETTE
-from cli_helpers import run_cli, ok, _one_thread
+from cli_helpers import run_cli, ok, refused, _one_thread
 
 SYN = ['--data', 'shapes', '--n-images', 16, '--image-size', 32]
 VOC = ['--data', 'voc', '--preset', 'synthetic', '--image-size', 32, '--workers', 0]
 
 
-def refused(needles, *argv):
-    "Exit 2, no traceback, one error line holding every needle."
-    code, out, err = run_cli(*argv, '--quiet')
-    assert code == 2, (code, out, err)
-    lines = [l for l in err.splitlines() if l.startswith(f'multiminer {argv[0]}: error: ')]
-    assert 'Traceback' not in err and len(lines) == 1, err
-    for n in needles: assert str(n) in lines[0], (n, err)
-    return lines[0]
 
 
 @pytest.fixture(scope='module')
