@@ -261,7 +261,7 @@ def check_bench(path) -> dict:
 @dataclass
 
 class BenchSizes:
-    "How much work each measurement does. The defaults are a fuller run; `quick()` is what CI runs (under 3 minutes on 2 cores)."
+    "How much work each measurement does. The defaults are a fuller run; `quick()` is the short run of `--quick` (under 3 minutes on 2 cores)."
     n_images: int = 64                # N of the synthetic steps; cost_per_image_ratio compares 4N with N
     reps: int = 3                     # interleaved repetitions of the cached and re-extracting steps (the best is kept)
     reps_4n: int = 2                  # repetitions of the step on 4N images
@@ -464,31 +464,31 @@ def format_bench(res:dict) -> str:
 
 # %% ../nbs/13_bench.ipynb #b468c0af
 def plot_bench(res:dict, path=None):
-    "Top: the ratios (1 = no gain, linear, flat; fraction of peak against 1 = the peak). Bottom: forward+backward images/s by input side."
+    "Top: the ratios (1 = no gain, linear, flat; fraction of peak against 1 = the peak). Bottom, when any was measured: forward+backward images/s by input side."
     ratios = {'re-extract /\ncached\n(synthetic)': _get(res, 'cached_vs_reextract.synthetic'),
               're-extract /\ncached\n(VGG-16, 321²)': _get(res, 'cached_vs_reextract.vgg16_321'),
               'cost per\nimage,\n4N / N': res['cost_per_image_ratio'], 'peak memory,\n2× / 1×\nsteps': res['memory_ratio_steps'],
               'fraction of\npractical\npeak': res['fraction_of_peak']}
-    fig, axs = plt.subplots(2, 1, figsize=(7.2, 6.2), dpi=100, gridspec_kw=dict(height_ratios=(1.25, 1)))
+    curves = {(m, prec, ls): [_get(res, f'fwd_bwd_images_per_s.{m}.{s}.{prec}') for s in FWD_SIZES]
+              for m in FWD_MODELS for prec, ls in zip(PRECISIONS, ('-', ':'))}
+    curves = {k: ys for k, ys in curves.items() if any(y is not None for y in ys)}   # a panel only for what was measured
+    if curves: fig, axs = plt.subplots(2, 1, figsize=(7.2, 6.2), dpi=100, gridspec_kw=dict(height_ratios=(1.25, 1)))
+    else: fig, ax = plt.subplots(1, 1, figsize=(7.2, 3.4), dpi=100); axs = [ax]
     names = list(ratios); vals = [np.nan if v is None else v for v in ratios.values()]
     axs[0].bar(range(len(vals)), vals, color=['C0', 'C0', 'C1', 'C2', 'C3'])
     axs[0].axhline(1, color='k', lw=0.8, ls='--'); axs[0].set_xticks(range(len(vals)), names, fontsize=10)
     for i, v in enumerate(vals):
         axs[0].text(i, 0 if np.isnan(v) else v, 'n/a' if np.isnan(v) else f"{v:.2f}", ha='center', va='bottom', fontsize=10)
     axs[0].set_ylim(0, 1.15 * np.nanmax(vals + [1])); axs[0].set_ylabel('ratio'); axs[0].set_title('measured side by side in one run', fontsize=10)
-    for m in FWD_MODELS:
-        for prec, ls in zip(PRECISIONS, ('-', ':')):
-            ys = [_get(res, f'fwd_bwd_images_per_s.{m}.{s}.{prec}') for s in FWD_SIZES]
-            if any(y is not None for y in ys):
-                axs[1].plot(FWD_SIZES, [np.nan if y is None else y for y in ys], 'o' + ls, label=f"{m} {prec}")
-    axs[1].set_xticks(FWD_SIZES); axs[1].set_xlim(FWD_SIZES[0] - 20, FWD_SIZES[-1] + 20); axs[1].set_xlabel('input side (px)'); axs[1].set_ylabel('images/s')
-    axs[1].set_title('forward+backward', fontsize=10)
-    if axs[1].lines:
+    if curves:
+        for (m, prec, ls), ys in curves.items():
+            axs[1].plot(FWD_SIZES, [np.nan if y is None else y for y in ys], 'o' + ls, label=f"{m} {prec}")
+        axs[1].set_xticks(FWD_SIZES); axs[1].set_xlim(FWD_SIZES[0] - 20, FWD_SIZES[-1] + 20); axs[1].set_xlabel('input side (px)'); axs[1].set_ylabel('images/s')
+        axs[1].set_title('forward+backward', fontsize=10)
         axs[1].legend(fontsize=10); axs[1].set_yscale('log')
         ys = np.concatenate([l.get_ydata() for l in axs[1].lines])
         if np.nanmax(ys) < 10 * np.nanmin(ys):   # within a decade: plain numbers (0.146, not 1.46×10⁻¹) on the ticks
             for f in (axs[1].yaxis.set_major_formatter, axs[1].yaxis.set_minor_formatter): f(FuncFormatter(lambda y, _: f'{y:.3g}'))
-    else: axs[1].text(0.5, 0.5, 'not measured', ha='center', transform=axs[1].transAxes); axs[1].set_yticks([])
     fig.tight_layout()
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
@@ -517,7 +517,7 @@ def profile_step(n_images:int=64, seed:int=0, device='cpu', data:str='scenes', r
 def add_bench_args(parser):
     "Add `multiminer bench`'s arguments to an argparse parser; `bench_from_args` runs what they ask."
     parser.add_argument('--out', default='runs/bench', metavar='DIR', help="output folder for bench.json (default runs/bench)")
-    parser.add_argument('--quick', action='store_true', help="the small version CI runs (under 3 minutes on 2 cores); "
+    parser.add_argument('--quick', action='store_true', help="the short run (under 3 minutes on 2 idle cores); "
                         "every key is written, those it does not measure as null with the reason")
     parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda[:i]'")
     parser.add_argument('--seed', type=int, default=0, help="seed of the data and of the random weights (default 0)")

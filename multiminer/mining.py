@@ -243,40 +243,40 @@ def train_generator(self:MultiMiner, feats, keep, labels, bs):
 
 # %% ../nbs/05_mining.ipynb #c4cd8a9e
 @patch
-@torch.no_grad()
 def judge_probs(self:MultiMiner, feats, keep, idx):
     "p(j | F^t) for the images `idx`, (len(idx), C), on hard- or soft-masked features: from the modulator just trained (judge 'self', the default) or, with judge 'cross', from the modulator trained on the half of the images that excludes each image."
-    c = self.cfg
-    m = keep[idx].to(self.device)
-    if c.judge_input == 'hard': m = (m >= c.region_threshold).to(m.dtype)   # mined positions removed, not attenuated
-    Fj = mask_features(feats[idx].to(self.device, torch.float32), m)
-    if len(self.modulators) == 1: return torch.sigmoid(self.modulators[0](Fj)).cpu()
-    fold = self.state.fold[idx].to(self.device)[:, None]
-    p0, p1 = (torch.sigmoid(mod(Fj)) for mod in self.modulators)
-    return torch.where(fold == 0, p1, p0).cpu()          # an image of half 0 is judged by modulator 1, and back
+    with torch.no_grad():
+        c = self.cfg
+        m = keep[idx].to(self.device)
+        if c.judge_input == 'hard': m = (m >= c.region_threshold).to(m.dtype)   # mined positions removed, not attenuated
+        Fj = mask_features(feats[idx].to(self.device, torch.float32), m)
+        if len(self.modulators) == 1: return torch.sigmoid(self.modulators[0](Fj)).cpu()
+        fold = self.state.fold[idx].to(self.device)[:, None]
+        p0, p1 = (torch.sigmoid(mod(Fj)) for mod in self.modulators)
+        return torch.where(fold == 0, p1, p0).cpu()          # an image of half 0 is judged by modulator 1, and back
 
 @patch
-@torch.no_grad()
 def generate(self:MultiMiner, feats, keep, objects, bs):
     "Stage 3: region maps M_j^t of the updated generator, and the judge's p(j | F^t), for each object. Under `torchrun` each rank computes its share of the images and every rank receives all maps."
-    self.generator.eval()
-    for m in self.modulators: m.eval()
-    maps = torch.zeros((len(objects),) + tuple(feats.shape[-2:]))   # every row is filled below, by exactly one rank
-    probs = torch.zeros(len(objects))
-    if len(objects) == 0: return maps, probs
-    imgs = objects[:, 0].unique()
-    row = torch.full((int(imgs.max()) + 1,), -1, dtype=torch.long)
-    imgs = shard(imgs)                                   # this rank's images (all of them in one process)
-    for i in range(0, len(imgs), bs):
-        idx = imgs[i:i+bs]
-        M = region_map(self.generator(self._masked(feats, keep, idx)), self.cfg.eps).cpu()
-        p = self.judge_probs(feats, keep, idx)
-        row[idx] = torch.arange(len(idx))
-        sel = (objects[:, 0][:, None] == idx[None]).any(1)
-        o = objects[sel]
-        maps[sel], probs[sel] = M[row[o[:, 0]], o[:, 1]], p[row[o[:, 0]], o[:, 1]]
-    all_sum(maps), all_sum(probs)                        # the other ranks' rows (a copy: theirs are 0 here); one process: as is
-    return maps, probs
+    with torch.no_grad():
+        self.generator.eval()
+        for m in self.modulators: m.eval()
+        maps = torch.zeros((len(objects),) + tuple(feats.shape[-2:]))   # every row is filled below, by exactly one rank
+        probs = torch.zeros(len(objects))
+        if len(objects) == 0: return maps, probs
+        imgs = objects[:, 0].unique()
+        row = torch.full((int(imgs.max()) + 1,), -1, dtype=torch.long)
+        imgs = shard(imgs)                                   # this rank's images (all of them in one process)
+        for i in range(0, len(imgs), bs):
+            idx = imgs[i:i+bs]
+            M = region_map(self.generator(self._masked(feats, keep, idx)), self.cfg.eps).cpu()
+            p = self.judge_probs(feats, keep, idx)
+            row[idx] = torch.arange(len(idx))
+            sel = (objects[:, 0][:, None] == idx[None]).any(1)
+            o = objects[sel]
+            maps[sel], probs[sel] = M[row[o[:, 0]], o[:, 1]], p[row[o[:, 0]], o[:, 1]]
+        all_sum(maps), all_sum(probs)                        # the other ranks' rows (a copy: theirs are 0 here); one process: as is
+        return maps, probs
 
 # %% ../nbs/05_mining.ipynb #d91cc651
 def stop_decisions(probs:torch.Tensor,        # (n,) the judge's p(j | F^t) of each active object

@@ -56,7 +56,7 @@ def pseudo_masks(strength,                 # (N,C,h,w) in [0,1], HIGH = object (
                  size=None,                # (H,W) or int: upsample bilinearly to this size first
                  bg_threshold:float=0.3,   # "mined": the strongest present class is at least this
                  saliency=None,            # optional (N,H,W) in [0,1], foreground high (SeeNet's maps): the saliency cue
-                 saliency_threshold:float=SALIENCY_BG, # below this a pixel is not salient
+                 saliency_threshold:float=SALIENCY_BG, # below this a pixel is not salient (SALIENCY_BG = 32/255, SeeNet's)
                  conflict:float=None,      # saliency cue: ignore pixels where two classes exceed this (None: off)
                  chunk:int=64,             # images upsampled at once: the full-size strengths of no more are held
                 )->torch.Tensor:           # (N,H,W) int64: 0 background, c+1 for class index c, 255 ignore
@@ -178,7 +178,7 @@ def pseudo_probs(strength,                 # (N,C,h,w) in [0,1], HIGH = object
                  size=None,                # (H,W) or int: upsample bilinearly to this size first
                  bg_threshold:float=0.3,   # t: background where the strongest present class is below t
                  saliency=None,            # optional (N,H,W) in [0,1], foreground high
-                 saliency_threshold:float=0.5,
+                 saliency_threshold:float=0.5, # below this: background with probability 1 (saliency read as P(foreground))
                 )->torch.Tensor:           # (N,1+C,H,W): channel 0 background, channel c+1 class c (0 if absent)
     "Probabilities over background and classes whose argmax is `pseudo_masks` (up to ties); the CRF's unary input."
     s, present = _check_strength(strength, labels)
@@ -234,7 +234,7 @@ def crf_refine(images,                     # (N,3,H,W) float in [0,1] or uint8
                labels,                     # (N,C) multi-hot image labels
                bg_threshold:float=0.3,     # as in pseudo_masks (strengths only)
                saliency=None,              # optional (N,H,W) in [0,1], foreground high (strengths only)
-               saliency_threshold:float=0.5,
+               saliency_threshold:float=0.5,  # as in pseudo_probs (strengths only); the CLI passes its --saliency-threshold
                mask_confidence:float=0.7,  # probability given to a mask's label (masks only)
                workers:int=0,              # processes for the CRF (0: this one)
                chunk:int=64,               # images whose CRF inputs are made at once (not the whole set's)
