@@ -344,7 +344,7 @@ def read_run(folder) -> dict:
     if p.stat().st_size > RUN_MAX_BYTES: raise _not_a_run(p, f"{p.stat().st_size / 2**20:,.0f} MiB, not a few kB")
     try: return _check_run(json.loads(p.read_text()), p)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"{p} is not valid JSON ({type(e).__name__}: {str(e)[:120]}): it is damaged; run that stage again") from None
+        raise UserError(f"{p} is not valid JSON ({type(e).__name__}: {str(e)[:120]}): it is damaged; run that stage again (with --force into its folder)") from None
 
 # %% ../nbs/00a_runtime.ipynb #bcd5ab90
 def write_json(path, obj):
@@ -565,7 +565,9 @@ def check_same_data(up, spec, fingerprint, option, folder):
 def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
     "Check `--out` before any work; 'new' (nothing there, or replaced with `force`), or the state of the run `resume` continues."
     out = Path(out)
-    if out.exists() and not out.is_dir(): raise UserError(f"--out {out} is a file, not a folder: choose a folder name")
+    if out.exists() and not out.is_dir():
+        what = 'a named pipe' if out.is_fifo() else 'a file' if out.is_file() else 'no folder'
+        raise UserError(f"--out {out} exists and is {what}: choose a folder name")
     if out.is_symlink() and not out.exists():
         raise UserError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist: create that folder, "
                        f"or choose another --out")
@@ -577,7 +579,10 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
                            f"beside the others; choose another --out")
     if not out.is_dir() or not any(out.iterdir()):
         NEW_OUTS.append(out); return 'new'
-    rec = read_run(out)
+    try: rec = read_run(out)
+    except UserError:
+        if not force: raise
+        rec = dict(stage=stage)          # a damaged run.json: --force replaces it with the files of this stage, as it would a run
     if not rec:
         raise UserError(f"--out {out} holds files but no {RUN_FILE}, so it is not a `multiminer {stage}` folder: choose a new "
                        f"or empty folder")

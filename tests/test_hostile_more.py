@@ -138,3 +138,33 @@ def test_a_mask_too_large_is_refused_from_its_header(voc, tmp_path):
     im = Image.new('P', (3000, 3000)); im.putpalette(VOC_PALETTE.flatten().tolist()); im.save(v/'SegmentationClass'/'a1.png')
     refused(['SegmentationClass/a1.png', '3000 x 3000', 'MAX_IMAGE_PIXELS'], 'train-classifier', *VOC, '--voc-root', d,
             '--epochs', 1, '--out', tmp_path/'o')
+
+
+# --- a damaged record, a pipe, a full disk in evaluate ---------------------------------------------------
+
+def test_force_replaces_a_run_whose_record_is_damaged(clf, tmp_path):
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    (o/'run.json').write_text((o/'run.json').read_text()[:50])
+    refused(['run.json is not valid JSON', 'with --force'], 'train-classifier', *SYN, '--epochs', 1, '--out', o, '--resume')
+    ok('train-classifier', *SYN, '--epochs', 1, '--out', o, '--force')
+    assert read_run(o)['finished']
+
+def test_a_named_pipe_is_no_output_folder(tmp_path):
+    os.mkfifo(tmp_path/'pipe')
+    refused(['--out', 'is a named pipe'], 'train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'pipe')
+
+def test_evaluate_on_a_full_disk_leaves_the_new_folder_as_found(clf, tmp_path, monkeypatch):
+    import multiminer.pipeline as pipeline
+    s = tmp_path/'s'
+    ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    ok('train-seg', '--pseudo', tmp_path/'p', '--out', s, '--epochs', 1)
+    real = pipeline.write_run
+    def full(out, command, *a, **k):
+        if command == 'evaluate': raise OSError(errno.ENOSPC, 'No space left on device', str(Path(out)/'run.json'))
+        return real(out, command, *a, **k)
+    monkeypatch.setattr(pipeline, 'write_run', full)
+    refused(['run.json', 'No space left'], 'evaluate', '--seg', s, '--out', tmp_path/'e', '--n-val', 8)
+    assert not (tmp_path/'e').exists() or not any((tmp_path/'e').iterdir())
+    monkeypatch.setattr(pipeline, 'write_run', real)
+    ok('evaluate', '--seg', s, '--out', tmp_path/'e', '--n-val', 8)       # space again: the same command runs
+    assert read_run(tmp_path/'e')['finished']

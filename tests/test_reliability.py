@@ -148,7 +148,7 @@ def test_out_is_a_file(chain, tmp_path):
     f = tmp_path/'file'; f.write_text('x')
     for argv in (['train-classifier', *SYN], ['mine', '--classifier', chain/'c'], ['pseudo-labels', '--mining', chain/'m'],
                  ['train-seg', '--pseudo', chain/'p'], ['evaluate', '--seg', chain/'s']):
-        refused(f'--out {f} is a file', *argv, '--out', f)
+        refused(f'--out {f} exists and is a file', *argv, '--out', f)
     with mock.patch('multiminer.segmentation.evaluate', side_effect=AssertionError('scored before the check')):
         refused('is a file', 'evaluate', '--seg', chain/'s', '--out', f)
 
