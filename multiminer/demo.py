@@ -537,6 +537,13 @@ def plot_steps(images, masks, result, n_objects=6, path=None, max_steps=5):
     order = torch.argsort(object_areas(masks, kept), descending=True)
     pick = order[torch.linspace(0, len(order) - 1, min(n_objects, len(order))).round().long()].tolist()
     T = min(len(result.step_maps), max_steps)   # at most 3 + max_steps panels a row
+    def shown(k):   # step panels of object row k: its stored steps and the step at which it stopped
+        n = 0
+        for sm in result.step_maps[:T]:
+            n += 1
+            if not bool(sm['stored'][k]): break
+        return n
+    T = max(shown(k) for k in pick)               # no empty column at the right
     fig, axs = plt.subplots(len(pick), T + 3, figsize=(0.85 * (T + 3), 0.95 * len(pick) + 0.4), squeeze=False)
     merged = result.region_maps()
     for r, k in enumerate(pick):
@@ -550,9 +557,10 @@ def plot_steps(images, masks, result, n_objects=6, path=None, max_steps=5):
             if stopped: ax.set_visible(False); continue
             ax.imshow(1 - sm['maps'][k].float() / 255, cmap='magma', vmin=0, vmax=1, alpha=1. if sm['stored'][k] else 0.35)
             stopped = not bool(sm['stored'][k])
-            ax.set_title(f"step {t + 1}" if not stopped else "stop", fontsize=9)
+            ax.set_title(f"step {t + 1}" if not stopped else f"step {t + 1}: stop", fontsize=9)
     for a in axs.flat: a.axis('off')
-    fig.suptitle(f'region maps, the first {T} steps (bright = mined; faded: the object stopped)', fontsize=9)
+    fig.suptitle(f'region maps of steps 1–{T} (bright = mined); faded: the map of the step\n'
+                 f'at which the object stopped, generated but not stored', fontsize=9)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
@@ -587,11 +595,12 @@ def plot_probs_by_step(result, areas, path=None):
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
     cmap = plt.get_cmap('viridis'); lo, hi = a.min(), max(a.max(), a.min() + 1e-6)
     ts = np.arange(1, len(probs) + 1)
-    for k in np.random.default_rng(0).permutation(probs.shape[1])[:300]:
+    n_all = probs.shape[1]; n = min(n_all, 300)   # at most 300 lines, a random sample
+    for k in np.random.default_rng(0).permutation(n_all)[:n]:
         ax.plot(ts, probs[:, k], '-', lw=0.6, alpha=0.5, color=cmap((a[k] - lo) / (hi - lo)))
-    ax.set_xlabel('step t'); ax.set_ylabel('judge p(j | F^t)'); ax.set_xticks(ts); ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel('step t'); ax.set_ylabel(r'judge $p(j \mid F^t)$'); ax.set_xticks(ts); ax.set_ylim(-0.02, 1.02)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi)); fig.colorbar(sm, ax=ax, label='log10 area (px)')
-    ax.set_title('300 objects; a line ends at its stop', fontsize=10)
+    ax.set_title((f'{n} of {n_all} objects' if n < n_all else f'all {n_all} objects') + '; a line ends at its stop', fontsize=10)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
@@ -601,7 +610,8 @@ def plot_headroom(hr:dict, path=None):
     "The decomposition in one figure: each method's mIoU against its background threshold (two cues), what its per-step maps give with a fixed T, the oracle's T and the stop rule, and how much of each step is new."
     colors = dict(cam='tab:gray', fixed_erasing='tab:blue', multiminer='tab:red')
     with plt.rc_context({'font.size': 10}):
-        fig, axs = plt.subplots(1, 4, figsize=(15, 3.6))
+        fig, axs = plt.subplots(2, 2, figsize=(7.2, 6.4))   # shown at about its own width: labels stay 10 pt
+        axs = axs.flatten()
         for ax, cue in zip(axs[:2], ('threshold', 'saliency')):
             for m, curves in hr['threshold_curve'].items():
                 c = {float(t): v for t, v in curves[cue].items()}
@@ -609,15 +619,20 @@ def plot_headroom(hr:dict, path=None):
             ax.set_xlabel('background threshold'); ax.set_ylabel('pseudo-mask mIoU (%)'); ax.set_title(f'{cue} cue')
         ax = axs[2]
         for m, f in hr['fixed_T'].items():
-            ax.plot(range(1, len(f) + 1), f, 'o-', ms=3, color=colors[m], label=f'{m}: fixed T')
-            ax.axhline(hr['oracle_T'][m], color=colors[m], ls='--', lw=1, label=f'{m}: oracle T')
+            name = {'fixed_erasing': 'erasing'}.get(m, m)   # a short legend
+            ax.plot(range(1, len(f) + 1), f, 'o-', ms=3, color=colors[m], label=f'{name}: fixed $T$')
+            ax.axhline(hr['oracle_T'][m], color=colors[m], ls='--', lw=1, label=f'{name}: oracle $T$')
         if 'stop_rule' in hr: ax.axhline(hr['stop_rule'], color=colors['multiminer'], ls=':', lw=1.5, label='multiminer: stop rule')
-        ax.set_xlabel('steps merged, T'); ax.set_ylabel('pseudo-mask mIoU (%)'); ax.set_title('fixed T, oracle T, stop rule')
+        ax.set_xlabel('steps merged, $T$'); ax.set_ylabel('pseudo-mask mIoU (%)'); ax.set_title('fixed $T$, oracle $T$, stop rule')
+        ax.set_ylim(0, ax.get_ylim()[1])   # from 0: room under the curves for the legend
+        ax.legend(fontsize=9, loc='lower left')
         ax = axs[3]
         for m, o in hr['step_overlap'].items():
             ax.plot(range(2, len(o) + 2), [np.nan if v is None else v for v in o], 'o-', ms=3, color=colors[m], label=m)
-        ax.set_ylim(0, 1); ax.set_xlabel('step t'); ax.set_ylabel('IoU with step t-1'); ax.set_title('how much of a step is old')
-        for ax in axs: ax.grid(alpha=.3); ax.legend(fontsize=9)
+        ax.set_ylim(0, 1); ax.set_xlabel('step $t$'); ax.set_ylabel('IoU with step $t-1$'); ax.set_title('how much of a step is old')
+        for ax in axs:
+            ax.grid(alpha=.3)
+            if ax is not axs[2]: ax.legend(fontsize=9)
         fig.tight_layout()
     if path: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
