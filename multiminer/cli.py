@@ -15,8 +15,8 @@ import torch
 from . import __version__
 from .runtime import (DATA_KINDS, NEW_OUTS, PRESETS, SEED_MAX, UserError, absolute_path, atomic_path, check_device,
                                 check_resume, check_same_data, data_fingerprint, file_sha256, init_distributed,
-                                interrupted_message, is_main, launched, os_error_message, out_lock, output_sha256,
-                                prepare_out, experiment_run, require_upstream, say, take_back, tree_sha256, write_json,
+                                interrupted_message, is_main, launched, os_error_message, out_lock, output_sha256, Terminated,
+                                prepare_out, experiment_run, require_upstream, say, take_back, terminate_as_interrupt, tree_sha256, write_json,
                                 write_run)
 from .data import VOCTestImages, PseudoMaskDataset, VOC_CLASSES, image_file_size, voc_transforms
 from .classifier import CHECKPOINT_NAME, ClassifierConfig, freeze, load_classifier, train_classifier
@@ -673,19 +673,19 @@ def _message(e):
 
 # %% ../nbs/11_cli.ipynb #76d1fcb5
 def main(argv=None):
-    "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2 (130 on Ctrl-C)."
+    "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2 (130 on Ctrl-C, 143 on SIGTERM)."
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     NEW_OUTS.clear()
     try:
         if launched(): _join_ranks(args)
         locked = getattr(args, 'out', None) is not None and is_main()
-        with out_lock(args.out, args.command) if locked else contextlib.nullcontext():
+        with out_lock(args.out, args.command) if locked else contextlib.nullcontext(), terminate_as_interrupt():
             _HANDLERS[args.command](args, argv)
     except BaseException as e:
         take_back()
         if isinstance(e, KeyboardInterrupt):
-            print(f"multiminer {args.command}: {interrupted_message(args.command, getattr(args, 'out', None))}", file=sys.stderr); raise SystemExit(130)
+            print(f"multiminer {args.command}: {interrupted_message(args.command, getattr(args, 'out', None))}", file=sys.stderr); raise SystemExit(143 if isinstance(e, Terminated) else 130)
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
             print(f"multiminer {args.command}: error: {os_error_message(e)}", file=sys.stderr); raise SystemExit(2)
         if not isinstance(e, Exception) or not _user_error(e): raise

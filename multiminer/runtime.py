@@ -11,10 +11,11 @@ __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'FI
            'save_checkpoint', 'resume_from', 'UserError', 'check_device', 'read_run', 'write_json', 'write_run',
            'absolute_path', 'lock_path', 'out_lock', 'output_sha256', 'data_fingerprint', 'show_value', 'differences',
            'take_back', 'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'experiment_run',
-           'interrupted_message', 'os_error_message', 'available_memory']
+           'interrupted_message', 'os_error_message', 'Terminated', 'terminate_as_interrupt', 'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
-import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, socket, sys, time
+import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, signal, socket, sys
+import threading, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -646,6 +647,20 @@ def interrupted_message(command:str, out=None) -> str:
 def os_error_message(e:OSError) -> str:
     "An OSError on a file a command writes, as the path and the reason."
     return f"cannot write {e.filename}: {e.strerror or e}" if e.filename else str(e)
+
+# %% ../nbs/00a_runtime.ipynb #8d08b52f
+class Terminated(KeyboardInterrupt):
+    "SIGTERM, raised where the program is, so that it ends as a Ctrl-C does."
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    "While the block runs, SIGTERM raises `Terminated`; the previous handler is back afterwards. Only the main thread receives signals, so elsewhere it changes nothing."
+    if threading.current_thread() is not threading.main_thread():
+        yield; return
+    def _raise(signum, frame): raise Terminated()
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, previous)
 
 # %% ../nbs/00a_runtime.ipynb #f65079bc
 def available_memory() -> int:

@@ -80,6 +80,23 @@ def test_ctrl_c_in_a_real_run(tmp_path):
     ok('train-classifier', *SHAPES, '--out', out, '--resume', '--epochs', 2)   # the same command resumes
 
 
+
+def test_sigterm_in_a_real_run(tmp_path):
+    "A kill (SIGTERM) ends as Ctrl-C does: one line, exit 143, the lock released, and --resume goes on."
+    out = tmp_path/'c'
+    p = subprocess.Popen([sys.executable, '-m', 'multiminer.cli', 'train-classifier', *map(str, SHAPES), '--epochs', '200',
+                          '--out', str(out)], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)})
+    for _ in range(600):
+        if (out/'classifier.pt').is_file(): break
+        time.sleep(0.05)
+    p.terminate()
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143 and 'Traceback' not in err, err
+    assert 'interrupted; what was done so far is saved in' in err.splitlines()[-1]
+    assert not lock_path(out).exists()
+    ok('train-classifier', *SHAPES, '--out', out, '--resume', '--epochs', 2)
+
 def test_out_under_a_file_and_a_name_too_long(tmp_path):
     (tmp_path/'f').write_text('x')
     code, _, err = run_cli('train-classifier', *SHAPES, '--out', tmp_path/'f'/'sub', '--quiet')
