@@ -211,7 +211,7 @@ def atomic_save(obj, path):
     with atomic_path(path) as tmp:
         try: torch.save(obj, tmp)
         except RuntimeError as e:     # torch's writer reports a failed write (ENOSPC, EIO) as a RuntimeError
-            if not any(w in str(e).lower() for w in ('write', 'iostream', 'unexpected pos', 'file')): raise
+            if not any(w in str(e).lower() for w in ('write', 'iostream', 'unexpected pos')): raise
             raise OSError(errno.EIO, f"the file could not be written ({' '.join(str(e).split())[:160]}); is the disk full?",
                           str(path)) from None
 

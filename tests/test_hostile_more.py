@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import multiminer.runtime as runtime
 from multiminer.runtime import atomic_save, lock_path, out_lock, read_run
 from multiminer.data import make_voc_fixture, VOC_PALETTE
 from cli_helpers import run_cli, ok, refused, _one_thread
