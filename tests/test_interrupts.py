@@ -81,7 +81,6 @@ def test_ctrl_c_in_a_real_run(tmp_path):
     ok('train-classifier', *SHAPES, '--out', out, '--resume', '--epochs', done + 1)   # the same command resumes, one epoch on
 
 
-
 def test_sigterm_in_a_real_run(tmp_path):
     "A kill (SIGTERM) ends as Ctrl-C does: one line, exit 143, the lock released, and --resume goes on."
     out = tmp_path/'c'
@@ -98,6 +97,21 @@ def test_sigterm_in_a_real_run(tmp_path):
     assert not lock_path(out).exists()
     done = torch.load(out/'classifier.pt', weights_only=True)['epoch']
     ok('train-classifier', *SHAPES, '--out', out, '--resume', '--epochs', done + 1)
+
+@pytest.mark.parametrize('delay', [0.2, 0.6, 1.0, 1.6, 2.4])
+@pytest.mark.parametrize('sig, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=['ctrl-c', 'sigterm'])
+def test_a_signal_while_the_library_loads(tmp_path, sig, code, delay):
+    """The `multiminer` command (multiminer.__main__) notes a signal while torch loads and ends once loading is done:
+    one line, its exit code, nothing written. (Raised inside torch's import, some libraries caught it and went on
+    half-loaded.) Later signals reach the command line's own handler, with the same result."""
+    p = subprocess.Popen([sys.executable, '-m', 'multiminer', 'demo', '--out', str(tmp_path/'d')], stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay); p.send_signal(sig)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == code and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert 'interrupted' in err and not lock_path(tmp_path/'d').exists()
+
 
 def test_out_under_a_file_and_a_name_too_long(tmp_path):
     (tmp_path/'f').write_text('x')
