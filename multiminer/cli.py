@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from . import __version__
 from .runtime import (DATA_KINDS, NEW_OUTS, PRESETS, SEED_MAX, UserError, absolute_path, atomic_path, check_device,
-                                check_resume, check_same_data, data_fingerprint, file_sha256, init_distributed,
+                                check_resume, check_same_data, data_fingerprint, EXTENDED_OUTS, file_sha256, init_distributed,
                                 interrupted_message, is_main, launched, os_error_message, out_lock, output_sha256, Terminated,
                                 prepare_out, experiment_run, require_upstream, say, take_back, terminate_as_interrupt, tree_sha256, write_json,
                                 write_run)
@@ -676,7 +676,7 @@ def main(argv=None):
     "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2 (130 on Ctrl-C, 143 on SIGTERM)."
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
-    NEW_OUTS.clear()
+    NEW_OUTS.clear(); EXTENDED_OUTS.clear()
     try:
         if launched(): _join_ranks(args)
         locked = getattr(args, 'out', None) is not None and is_main()

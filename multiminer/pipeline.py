@@ -497,25 +497,34 @@ VOC_TEST_RESULTS = 'results/VOC2012/Segmentation/comp6_test_cls'   # the evaluat
 
 # %% ../nbs/08a_pipeline.ipynb #5cb35623
 def write_test_predictions(model, ds, folder, crf=False, workers=0, scales=(1.0,), flip=False, device='cpu', progress=True):
-    "Each test image's label map as a VOC palette PNG, `folder/<id>.png`; the folder is renamed into place once complete."
+    "Each test image's label map as a VOC palette PNG, `folder/<id>.png`; the folder is renamed into place once complete. A failure (a full disk, Ctrl-C) removes what it wrote, and the folders it made for it."
     folder = Path(folder)
-    with atomic_path(folder, '.partial') as partial:
-        if partial.exists(): shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-        it = iter_masks(model, ds, crf, None, workers, scales=scales, flip=flip, device=device)
-        for i, _, m in progress_bar(it, 'test predictions', total=len(ds), disable=not progress, unit='image'):
-            save_mask_png(m, partial/f"{ds.names[i]}.png")
-        if folder.exists(): shutil.rmtree(folder)
+    made = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]    # innermost first
+    try:
+        with atomic_path(folder, '.partial') as partial:
+            if partial.exists(): shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+            it = iter_masks(model, ds, crf, None, workers, scales=scales, flip=flip, device=device)
+            for i, _, m in progress_bar(it, 'test predictions', total=len(ds), disable=not progress, unit='image'):
+                save_mask_png(m, partial/f"{ds.names[i]}.png")
+            if folder.exists(): shutil.rmtree(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        for p in made:
+            with contextlib.suppress(OSError): p.rmdir()
+        raise
     return folder
 
 # %% ../nbs/08a_pipeline.ipynb #ecbc80e9
 def write_evaluation(out, result_file, res, argv, preset, spec, input_size, seed):
-    "Write `res` to `result_file`, then `out`/run.json with the hashes of every `eval_*.json` and of the test predictions beside them; when run.json cannot be written (a full disk), a folder that had none is left without the result too, as it was found."
+    "Write `res` to `result_file`, then `out`/run.json with the hashes of every `eval_*.json` and of the test predictions beside them; when run.json cannot be written (a full disk), a folder that had none is left without the result and the predictions too, as it was found."
     fresh = not (Path(out)/RUN_FILE).exists()
     write_json(result_file, res)
     outputs = {p.name: file_sha256(p) for p in sorted(out.glob('eval_*.json'))}
     if (out/VOC_TEST_RESULTS).is_dir(): outputs[VOC_TEST_RESULTS] = tree_sha256(out/VOC_TEST_RESULTS)
     try: write_run(out, 'evaluate', argv, preset, spec, input_size, seed=seed, finished=True, inputs=res['inputs'], outputs=outputs)
     except BaseException:
-        if fresh: Path(result_file).unlink(missing_ok=True)
+        if fresh:        # the folder was empty: what this command wrote goes
+            Path(result_file).unlink(missing_ok=True)
+            shutil.rmtree(Path(out)/Path(VOC_TEST_RESULTS).parts[0], ignore_errors=True)
         raise

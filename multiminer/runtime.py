@@ -4,14 +4,15 @@
 
 # %% auto #0
 __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'FINGERPRINT_BYTES', 'STAGE_FILES', 'RESUMABLE',
-           'NEW_OUTS', 'EXPERIMENT_FILES', 'world_size', 'rank', 'is_main', 'launched', 'init_distributed', 'barrier',
-           'shard', 'all_sum', 'broadcast_', 'global_mean', 'ShardedBatchSampler', 'ddp', 'unwrap', 'GlobalBatchNorm2d',
-           'GlobalDropout2d', 'global_batch_layers', 'gather_rows', 'progress_bar', 'say', 'ordered_map', 'atomic_path',
-           'atomic_save', 'rng_state', 'set_rng_state', 'kept_rng', 'file_sha256', 'tree_sha256', 'tensors_sha256',
-           'save_checkpoint', 'resume_from', 'UserError', 'check_device', 'read_run', 'write_json', 'write_run',
-           'absolute_path', 'lock_path', 'out_lock', 'output_sha256', 'data_fingerprint', 'show_value', 'differences',
-           'take_back', 'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'experiment_run',
-           'interrupted_message', 'os_error_message', 'Terminated', 'terminate_as_interrupt', 'available_memory']
+           'NEW_OUTS', 'EXTENDED_OUTS', 'EXPERIMENT_FILES', 'world_size', 'rank', 'is_main', 'launched',
+           'init_distributed', 'barrier', 'shard', 'all_sum', 'broadcast_', 'global_mean', 'ShardedBatchSampler', 'ddp',
+           'unwrap', 'GlobalBatchNorm2d', 'GlobalDropout2d', 'global_batch_layers', 'gather_rows', 'progress_bar',
+           'say', 'ordered_map', 'atomic_path', 'atomic_save', 'rng_state', 'set_rng_state', 'kept_rng', 'file_sha256',
+           'tree_sha256', 'tensors_sha256', 'save_checkpoint', 'resume_from', 'UserError', 'check_device', 'read_run',
+           'write_json', 'write_run', 'absolute_path', 'lock_path', 'out_lock', 'output_sha256', 'data_fingerprint',
+           'show_value', 'differences', 'take_back', 'require_upstream', 'check_same_data', 'prepare_out',
+           'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'Terminated',
+           'terminate_as_interrupt', 'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
 import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, signal, socket, sys
@@ -506,14 +507,20 @@ RESUMABLE = ('train-classifier', 'mine', 'train-seg')
 _READS = {'train-classifier': ('classifier.pt',), 'mine': ('mining_result.pt',), 'erase': ('mining_result.pt',),
           'train-seg': ('model.pt',)}    # what the next stage reads (pseudo-labels: masks/ or pseudo_masks.pt)
 NEW_OUTS = []     # --out folders this command found empty: a failure before they hold more than run.json empties them again
+EXTENDED_OUTS = []   # (--out, its run.json) of finished runs this command goes on with (--resume with more epochs or steps)
 
 def take_back():
-    "After a failure: a new `--out` that holds only the run.json of its unfinished run is left empty, as it was found."
+    "After a failure: a new `--out` that holds only the run.json of its unfinished run is left empty, as it was found; a finished run that `--resume` was taking further, whose outputs are still those its run.json records, gets that run.json back (it is still that finished run)."
     while NEW_OUTS:
         out = NEW_OUTS.pop()
         if not is_main(): continue
         if out.is_dir() and [p.name for p in out.iterdir()] == [RUN_FILE] and read_run(out).get('finished') is False:
             (out/RUN_FILE).unlink(); out.rmdir()
+    while EXTENDED_OUTS:
+        out, rec = EXTENDED_OUTS.pop()
+        if not is_main() or read_run(out) == rec: continue
+        if all((out/name).exists() and output_sha256(out/name) == h for name, h in rec['outputs'].items()):
+            with contextlib.suppress(OSError): write_json(out/RUN_FILE, rec)   # no room even for that: the error said so
 
 # %% ../nbs/00a_runtime.ipynb #c2dc24f5
 def require_upstream(folder, stage, option, also=()) -> tuple:
@@ -602,6 +609,7 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
         how = "--resume to continue it, --force to replace it" if stage in RESUMABLE else "--force to replace it"
         raise UserError(f"--out {out} already holds a{'n' if state == 'unfinished' else ''} {state} `{stage}` run: pass "
                        f"{how}, or choose another --out")
+    if state == 'finished' and isinstance(rec.get('outputs'), dict): EXTENDED_OUTS.append((out, rec))
     return state
 
 # %% ../nbs/00a_runtime.ipynb #d69590e5

@@ -3,12 +3,14 @@ holds, `--resume` that would shrink a finished run, split files with invisible c
 reports it, and masks too large to decode. Each ends with one message and exit 2, or runs as documented."""
 import errno, json, os, shutil, socket
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from multiminer import cli
 from multiminer.runtime import atomic_save, lock_path, out_lock, read_run
 from multiminer.data import make_voc_fixture, VOC_PALETTE
 from cli_helpers import run_cli, ok, refused, _one_thread
@@ -79,6 +81,31 @@ def test_resume_with_fewer_steps_than_mined(clf, tmp_path):
     steps = read_run(o)['steps_run']
     refused(['--max-steps 1', f'already run {steps}'], 'mine', '--classifier', clf/'c', '--out', o, '--max-steps', 1, '--resume')
     ok('mine', '--classifier', clf/'c', '--out', o, '--max-steps', 5, '--resume')   # going further is what --resume is for
+
+
+@pytest.mark.parametrize('fault', ['full-disk', 'ctrl-c'])
+def test_a_finished_run_stays_finished_when_going_further_fails(clf, tmp_path, fault):
+    "`--resume --epochs 5` of a finished 3-epoch run marks it unfinished while it trains; failing before a new checkpoint, it is the finished run it was."
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    before = read_run(o)
+    error = OSError(errno.ENOSPC, 'No space left on device', str(o/'classifier.pt')) if fault == 'full-disk' else KeyboardInterrupt()
+    with mock.patch.object(cli, 'train_classifier', side_effect=error):
+        code, _, err = run_cli('train-classifier', *SYN, '--epochs', 5, '--out', o, '--resume', '--quiet')
+    assert code == (2 if fault == 'full-disk' else 130) and 'Traceback' not in err, err
+    assert read_run(o) == before
+    ok('mine', '--classifier', o, '--out', tmp_path/'m', '--max-steps', 1)     # the next stage takes it as finished
+
+def test_a_run_taken_further_stays_unfinished(clf, tmp_path):
+    "Once a new checkpoint replaced the finished one, the folder holds neither run whole: it stays unfinished until resumed."
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    def one_more_epoch(*a, **k):
+        ck = torch.load(o/'classifier.pt', weights_only=True); ck['epoch'] += 1; atomic_save(ck, o/'classifier.pt')
+        raise OSError(errno.ENOSPC, 'No space left on device', str(o/'classifier.pt'))
+    with mock.patch.object(cli, 'train_classifier', side_effect=one_more_epoch):
+        code, _, err = run_cli('train-classifier', *SYN, '--epochs', 5, '--out', o, '--resume', '--quiet')
+    assert code == 2 and read_run(o)['finished'] is False
+    ok('train-classifier', *SYN, '--epochs', 5, '--out', o, '--resume')
+    assert read_run(o)['finished'] and torch.load(o/'classifier.pt', weights_only=True)['epoch'] == 5
 
 
 # --- split files ----------------------------------------------------------------------------------------

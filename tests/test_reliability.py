@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from multiminer import cli
 from multiminer.cli import main
 from multiminer.runtime import read_run
 from multiminer.runtime import file_sha256
@@ -110,9 +111,19 @@ RUN = 'run.json'
 
 # --- half-written or stale outputs ----------------------------------------------------------------------
 
-def test_failed_mine_resume_leaves_mining_unusable(chain, tmp_path):
+def test_failed_mine_resume_keeps_the_finished_run_until_its_result_changes(chain, tmp_path):
+    """A `--resume` taking a finished mining further that fails before it rewrites mining_result.pt leaves that
+    finished run (its outputs are the ones run.json records); one that fails after leaves it unfinished, refused downstream."""
     m = copy(chain/'m', tmp_path/'m')
     with mock.patch('multiminer.mining.MultiMiner.step', side_effect=RuntimeError('killed')):
+        with pytest.raises(RuntimeError): run_cli('mine', '--classifier', chain/'c', '--out', m, '--resume',
+                                                  '--max-steps', 3, '--quiet')
+    assert read_run(m)['finished'] is True
+    real = cli.write_run
+    def killed_before_the_record(*a, **k):
+        if k.get('finished'): raise RuntimeError('killed')
+        return real(*a, **k)
+    with mock.patch.object(cli, 'write_run', killed_before_the_record):
         with pytest.raises(RuntimeError): run_cli('mine', '--classifier', chain/'c', '--out', m, '--resume',
                                                   '--max-steps', 3, '--quiet')
     assert read_run(m)['finished'] is False

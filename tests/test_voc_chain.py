@@ -6,7 +6,8 @@ nbs/10_voc_recipe.ipynb says it writes. Only the sizes are tiny: two training im
 validation image, one epoch per network, a 16-channel modulator; the VGG-16 "ImageNet" weights are a random
 VGG-16 saved in torchvision's layout and read through --weights, as an offline machine would.
 """
-import contextlib, io, json, time
+import contextlib, errno, io, json, time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from multiminer.models import VGG16Extractor, load_checkpoint
 from multiminer.segmentation import DeepLabLargeFOV, load_segmentation_model
 from multiminer.pseudo import pseudo_masks
 from multiminer.mining import MiningResult
+from multiminer.pipeline import VOC_TEST_RESULTS
 
 TRAIN, VAL = ['a1', 's1'], ['v1']          # train_aug = VOC train (a1) + SBD-only (s1); val = VOC val
 SIZE = (40, 56)                             # the fixture's image size (H, W)
@@ -147,6 +149,27 @@ def test_test_split_predictions_in_the_server_layout(chain):
     code, _, err = run_cli('evaluate', '--seg', chain['t']/'seg', '--split', 'test', '--out', d)
     assert code == 2 and 'eval_test.json exists' in err                  # never overwritten without --force
 
+
+
+@pytest.mark.parametrize('fault', ['a prediction', 'run.json'])
+def test_test_predictions_on_a_full_disk_leave_a_new_folder_as_found(chain, tmp_path, monkeypatch, fault):
+    "No space for the second PNG, or for run.json once all are written: exit 2, nothing left behind, and the same command runs once there is room."
+    import multiminer.pipeline as pipeline
+    out, real_png, real_run = tmp_path/'e', pipeline.save_mask_png, pipeline.write_run
+    def png(m, path):
+        if path.name == f'{TEST[1]}.png': raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+        return real_png(m, path)
+    def run(o, command, *a, **k):
+        if command == 'evaluate': raise OSError(errno.ENOSPC, 'No space left on device', str(Path(o)/'run.json'))
+        return real_run(o, command, *a, **k)
+    if fault == 'a prediction': monkeypatch.setattr(pipeline, 'save_mask_png', png)
+    else: monkeypatch.setattr(pipeline, 'write_run', run)
+    code, _, err = run_cli('evaluate', '--seg', chain['t']/'seg', '--split', 'test', '--out', out)
+    assert code == 2 and 'No space left on device' in err and 'Traceback' not in err, err
+    assert not out.exists() or not any(out.iterdir()), sorted(map(str, out.rglob('*')))
+    monkeypatch.setattr(pipeline, 'save_mask_png', real_png); monkeypatch.setattr(pipeline, 'write_run', real_run)
+    ok('evaluate', '--seg', chain['t']/'seg', '--split', 'test', '--out', out)
+    assert read_run(out)['finished'] and len(list((out/VOC_TEST_RESULTS).iterdir())) == len(TEST)
 
 def test_fixed_step_erasing_on_voc(chain):
     d = chain['t']/'erasing'
