@@ -148,8 +148,8 @@ def load_classifier(path, device='cpu') -> Classifier:
 
 # %% ../nbs/03_classifier.ipynb #c22bf1ba
 def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', progress=True,
-                     out_dir=None, resume=False) -> Classifier:
-    "Stage 0: train extractor + modulator with the multi-label loss L_cls; checkpoint to `out_dir`, `resume` from it. Under `torchrun`: DistributedDataParallel, each rank on its share of every batch."
+                     out_dir=None, resume=False, made_from:dict=None) -> Classifier:
+    "Stage 0: train extractor + modulator with the multi-label loss L_cls; checkpoint to `out_dir` (recording `made_from`, the run's inputs), `resume` from it. Under `torchrun`: DistributedDataParallel, each rank on its share of every batch."
     n_classes, device = n_classes_of(dataset), torch.device(device)
     clf = build_classifier(cfg, n_classes).to(device)
     use_amp = cfg.amp and device.type == 'cuda'      # mixed precision, and NHWC for the tensor cores' convolutions
@@ -199,7 +199,8 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
             print(f"epoch {h['epoch']:>3}/{cfg.epochs}  loss {h['loss']:.4f}  label-acc {h['label_acc']:.3f}  "
                   f"exact {h['exact_acc']:.3f}  lr {' '.join(f'{l:.0e}' for l in lrs)}  {h['seconds']:.1f}s")
         if ckpt is not None:
-            save_checkpoint(ckpt, epoch + 1, clf.history, asdict(cfg), clf, opt, sched, scaler, n_classes=n_classes)
+            save_checkpoint(ckpt, epoch + 1, clf.history, asdict(cfg), clf, opt, sched, scaler, n_classes=n_classes,
+                            made_from=made_from)
     barrier()   # no rank goes on before rank 0 has written the checkpoint
     return clf.eval()
 

@@ -29,7 +29,7 @@ from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cac
                                  check_snapshot_steps, check_synthetic_memory, classifier_restore, erasing_result,
                                  image_and_mask, image_ids, load_mining_result, load_pseudo_masks, load_stage_file,
                                  load_stage_network, mining_bar, mining_inputs, need_file, pseudo_mask_jobs,
-                                 save_mining_result, segmentation_restore, snapshot_hashes, snapshot_result, stage_dataset,
+                                 prepare_evaluation, save_mining_result, segmentation_restore, snapshot_hashes, snapshot_result, stage_dataset,
                                  synthetic_name, synthetic_split, try_resume, voc_split, write_evaluation, write_pseudo_masks,
                                  write_test_predictions)
 from .demo import (DemoSettings, check_demo_args, plot_miou_by_steps, run_demo,
@@ -344,14 +344,14 @@ def cmd_train_classifier(args, argv=()):
     else: ds, fp = stage_dataset(spec)
     now = dict(config=asdict(cfg), data_fingerprint=fp, inputs={})
     if state != 'new':
-        check_resume(out, dict(now, input_size=input_size), ignore=('epochs', 'num_workers', 'weights_path'))
+        check_resume(out, dict(now, input_size=input_size), ignore=(may_change := ('epochs', 'num_workers', 'weights_path')))
         if (out/CHECKPOINT_NAME).is_file(): try_resume(out/CHECKPOINT_NAME, 'train-classifier', classifier_restore(cfg, ds),
-                                                          planned=('--epochs', cfg.epochs, lambda ck: ck['epoch']))
+                                                          planned=('--epochs', cfg.epochs, lambda ck: ck['epoch']), made_from=(now, may_change))
     write_run(out, 'train-classifier', argv, preset, spec, input_size, seed=seed, finished=False, **now)
     say(not args.quiet, f"train-classifier: {len(ds)} images ({spec['kind']}), preset {preset}: {cfg.extractor} extractor, "
          f"{cfg.input_size}px inputs, {cfg.epochs} epochs, batch {cfg.batch_size}, on {args.device}")
     t0 = time.time()
-    clf = train_classifier(cfg, ds, device=args.device, progress=not args.quiet, out_dir=out, resume=state != 'new')
+    clf = train_classifier(cfg, ds, device=args.device, progress=not args.quiet, out_dir=out, resume=state != 'new', made_from=now)
     last = clf.history[-1] if clf.history else {}
     write_run(out, 'train-classifier', argv, preset, spec, input_size, seed=seed, finished=True, **now,
               outputs={CHECKPOINT_NAME: file_sha256(out/CHECKPOINT_NAME)}, last_epoch=last,
@@ -413,7 +413,7 @@ def cmd_mine(args, argv=()):
     clf, images, labels, names = _frozen_classifier(args, r)
     if r.state != 'new' and (out/'mining_state.pt').is_file():    # what MultiMiner.run(resume=True) will load
         try_resume(out/'mining_state.pt', 'mine', lambda ck: MultiMiner(clf.modulator, cfg, device=args.device).load(out/'mining_state.pt'),
-                   planned=('--max-steps', cfg.max_steps, lambda ck: ck['state']['t']))
+                   planned=('--max-steps', cfg.max_steps, lambda ck: ck['state']['t']), made_from=(now, ('max_steps',)))
     write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=False, **now, **flags)
     say(not args.quiet, f"mine: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: scales "
          f"{cfg.scales}, batches {cfg.batch_sizes}, at most {cfg.max_steps} steps, on {args.device}")
@@ -428,7 +428,7 @@ def cmd_mine(args, argv=()):
     with bar:
         result = MultiMiner(clf.modulator, cfg, device=args.device).run(bank, labels, out_dir=out, resume=r.state != 'new',
                                                                         progress=False, callback=lambda m: (fig6(m), show(m)),
-                                                                        saliency=sal)
+                                                                        saliency=sal, made_from=now)
     save_mining_result(result, out/'mining_result.pt', labels, names, spec)
     hist = {int(k): int(v) for k, v in zip(*torch.unique(result.steps, return_counts=True))}
     summary = dict(n_images=len(labels), n_objects=len(result.objects), steps_run=len(result.history),
@@ -565,14 +565,14 @@ def cmd_train_seg(args, argv=()):
             raise UserError(f"pseudo masks {tuple(masks.shape)} in {pseudo} do not fit the images {tuple(ds.images.shape)}")
     now = dict(config=cfg.to_dict(), data_fingerprint=fp, inputs=dict(pseudo=dict(folder=absolute_path(pseudo), files=hashes)))
     if state != 'new':
-        check_resume(out, dict(now, input_size=input_size), ignore=('num_workers', 'weights_path'))
-        if (out/'checkpoint.pt').is_file(): try_resume(out/'checkpoint.pt', 'train-seg', segmentation_restore(cfg))
+        check_resume(out, dict(now, input_size=input_size), ignore=(may_change := ('num_workers', 'weights_path')))
+        if (out/'checkpoint.pt').is_file(): try_resume(out/'checkpoint.pt', 'train-seg', segmentation_restore(cfg), made_from=(now, may_change))
     write_run(out, 'train-seg', argv, preset, spec, input_size, seed=seed, finished=False, **now)
     say(not args.quiet, f"train-seg: {model} on {len(pairs)} images with pseudo masks ({spec['kind']}), preset {preset}: "
          f"{cfg.epochs} epochs, batch {cfg.batch_size}, crops {cfg.crop_size}, on {args.device}")
     t0 = time.time()
     net = train_segmentation(cfg, pairs, masks, device=args.device, out_dir=out, resume=state != 'new',
-                             progress=not args.quiet)
+                             progress=not args.quiet, made_from=now)
     write_run(out, 'train-seg', argv, preset, spec, input_size, seed=seed, finished=True, **now,
               outputs={'model.pt': file_sha256(out/'model.pt')}, seconds=round(time.time() - t0, 1))
     last = net.history[-1] if net.history else {}
@@ -602,9 +602,7 @@ def cmd_evaluate(args, argv=()):
         raise UserError(f"{seg} has no model.pt: expected a folder written by `multiminer train-seg --out {seg}`")
     up, hashes = require_upstream(seg, 'train-seg', '--seg')
     out = Path(args.out)
-    result_file = out/f"eval_{args.split}.json"
-    if prepare_out(out, 'evaluate', True, False, [('--seg', seg)]) != 'new' and result_file.exists() and not args.force:
-        raise UserError(f"{result_file} exists: pass --force to replace it, or choose another --out")
+    result_file = prepare_evaluation(out, seg, hashes, args.split, args.force)
     spec, preset, seed, input_size = resolve_data(args, up)
     ds, images, masks, class_names = _eval_data(args, spec)
     model = load_stage_network(seg, 'model.pt', 'train-seg', load_segmentation_model, args.device)

@@ -389,8 +389,10 @@ def init_state(self:MultiMiner, bank, labels):
                        stop_reason=torch.zeros(len(objects), dtype=torch.long))
 
 @patch
-def run(self:MultiMiner, bank, labels, out_dir=None, resume:bool=False, progress:bool=True, callback=None, saliency=None):
-    "Mine until every object has stopped or `max_steps`; save the state after each step; return a `MiningResult`. `saliency` (N, H, W) in [0, 1]: needed by stop_test='saliency'."
+def run(self:MultiMiner, bank, labels, out_dir=None, resume:bool=False, progress:bool=True, callback=None, saliency=None,
+        made_from:dict=None):
+    "Mine until every object has stopped or `max_steps`; save the state after each step (recording `made_from`, the run's inputs); return a `MiningResult`. `saliency` (N, H, W) in [0, 1]: needed by stop_test='saliency'."
+    self.made_from = made_from
     labels = torch.as_tensor(labels, dtype=torch.float32)
     if labels.ndim != 2: raise ValueError(f"MultiMiner.run: labels must be (N, C), got shape {tuple(labels.shape)}")
     n = len(bank[self.cfg.scales[0]])
@@ -424,7 +426,8 @@ def save(self:MultiMiner, path):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     blob = dict(cfg=asdict(self.cfg), state=asdict(self.state), modulators=[m.state_dict() for m in self.modulators],
                 generator=self.generator.state_dict(), opt_ms=[o.state_dict() for o in self.opt_ms],
-                opt_g=self.opt_g.state_dict(), rng=self.rng.get_state(), torch_rng=torch.get_rng_state())
+                opt_g=self.opt_g.state_dict(), rng=self.rng.get_state(), torch_rng=torch.get_rng_state(),
+                made_from=getattr(self, 'made_from', None))
     atomic_save(blob, path)
 
 def _same(a, b): return (list(a) if isinstance(a, (tuple, list)) else a) == (list(b) if isinstance(b, (tuple, list)) else b)

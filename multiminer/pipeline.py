@@ -12,7 +12,7 @@ __all__ = ['SYNTHETIC_SETS', 'N_VAL_SYNTHETIC', 'SNAPSHOTS', 'VOC_TEST_RESULTS',
            'mining_inputs', 'mining_bar', 'write_pseudo_masks', 'image_and_mask', 'pseudo_mask_jobs',
            'load_pseudo_masks', 'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou', 'snapshot_hashes',
            'check_snapshot_steps', 'check_fig6_flags', 'by_steps_callback', 'write_test_predictions',
-           'write_evaluation']
+           'write_evaluation', 'prepare_evaluation']
 
 # %% ../nbs/08a_pipeline.ipynb #6347ce9e
 import contextlib, dataclasses, json, shutil, sys, time
@@ -28,9 +28,9 @@ from .mining import MiningResult, MultiMiner, object_index
 from .metrics import confusion_matrix, miou
 from .baselines import ErasingConfig, fixed_erasing, normalized_cam
 from .pseudo import pseudo_masks, crf_refine, SALIENCY_BG, image_strength, image_pseudo_mask, load_saliency
-from .runtime import (RUN_FILE, UserError, atomic_path, atomic_save, available_memory, barrier, data_fingerprint,
+from .runtime import (RUN_FILE, UserError, absolute_path, atomic_path, atomic_save, available_memory, barrier, data_fingerprint,
                                 file_sha256, is_main, kept_rng, ordered_map, progress_bar, read_run, resume_from, say,
-                                show_value, tree_sha256, write_json, write_run)
+                                differences, prepare_out, show_value, tree_sha256, write_json, write_run)
 from .segmentation import (build_segmentation_model, check_same_run, evaluate, iter_masks, predict, seg_optimizer,
                                      train_segmentation)
 
@@ -224,19 +224,26 @@ def load_stage_network(folder, name, made_by, load, device='cpu'):
     return net
 
 # %% ../nbs/08a_pipeline.ipynb #d23e6129
-def try_resume(path, made_by, restore, planned:tuple=None):
-    "Before any work: `restore(checkpoint)` does on the CPU what the stage will do with it when resuming; what does not fit is named. `planned` = (flag, total, done): a checkpoint that `done(checkpoint)` finds further on than `total` is refused, since the run would record a `total` its result does not have."
-    ck = load_stage_file(path, made_by)
+def try_resume(path, made_by, restore, planned:tuple=None, made_from:tuple=None):
+    "Before any work: `restore(checkpoint)` does on the CPU what the stage will do with it when resuming; what does not fit is named. `planned` = (flag, total, done): a checkpoint that `done(checkpoint)` finds further on than `total` is refused, since the run would record a `total` its result does not have. `made_from` = (inputs, keys that may change): a checkpoint that records other inputs, data or settings (another run's) is refused, naming what differs."
+    ck, n = load_stage_file(path, made_by), None
     with reading_stage_file(path, made_by), kept_rng():
         if not isinstance(ck, dict): raise TypeError(f"a {type(ck).__name__}, not a dict of weights and states")
         restore(ck)
         if not isinstance(ck['epoch'] if 'epoch' in ck else 0, int) or not isinstance(ck.get('history', []), list):
             raise TypeError(f"epoch {show_value(ck.get('epoch'))} and history of type {type(ck.get('history')).__name__}, "
                             f"not an integer and a list")
-        if planned is None: return
-        flag, total, done = planned
-        if not isinstance(n := done(ck), int): raise TypeError(f"its progress is {show_value(n)}, not an integer")
-    if n > total:
+        if planned is not None and not isinstance(n := planned[2](ck), int):
+            raise TypeError(f"its progress is {show_value(n)}, not an integer")
+    if made_from is not None:
+        if not isinstance(then := ck.get('made_from'), dict):
+            raise UserError(f"cannot --resume from {path}: it records no inputs (another program, or an older multiminer, "
+                           f"wrote it), so it may belong to another run; pass --force to start afresh")
+        if diff := differences(then, made_from[0], ignore=('folder',) + tuple(made_from[1])):
+            raise UserError(f"cannot --resume from {path}: it was written by another run ({'; '.join(diff[:3])}); it is not "
+                           f"this folder's own checkpoint; pass --force to start afresh")
+    if planned is not None and n > planned[1]:
+        flag, total = planned[:2]
         raise UserError(f"cannot --resume {Path(path).parent} with {flag} {total}: it has already run {n}; resume with "
                         f"{flag} {n} or more, or pass --force to start afresh")
 
@@ -528,3 +535,22 @@ def write_evaluation(out, result_file, res, argv, preset, spec, input_size, seed
             Path(result_file).unlink(missing_ok=True)
             shutil.rmtree(Path(out)/Path(VOC_TEST_RESULTS).parts[0], ignore_errors=True)
         raise
+
+# %% ../nbs/08a_pipeline.ipynb #2d688792
+def prepare_evaluation(out, seg, hashes:dict, split:str, force=False) -> Path:
+    "Check evaluate's `--out` before any work; the result file of `split` in it. One folder holds the evaluations of one network: another `--seg`, or the same folder with other weights since, is refused (with `force` too), and so is a result already there unless `force`."
+    out = Path(out)
+    result_file = out/f"eval_{split}.json"
+    if prepare_out(out, 'evaluate', True, False, [('--seg', seg)]) == 'new': return result_file
+    then = (read_run(out).get('inputs') or {}).get('seg') or {}
+    if then.get('folder') != absolute_path(seg):
+        raise UserError(f"--out {out} holds evaluations of the network in {then.get('folder')}, not of --seg {seg}: one "
+                       f"folder evaluates one network; choose another --out")
+    files = then.get('files') or {}
+    changed = sorted(k for k in set(hashes) | set(files) if hashes.get(k) != files.get(k))
+    if changed:
+        raise UserError(f"--out {out} holds evaluations of the network in {seg} as it was before: it changed since "
+                       f"({', '.join(changed)}); choose another --out")
+    if result_file.exists() and not force:
+        raise UserError(f"{result_file} exists: pass --force to replace it, or choose another --out")
+    return result_file

@@ -10,8 +10,8 @@ __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'FI
            'say', 'ordered_map', 'atomic_path', 'atomic_save', 'rng_state', 'set_rng_state', 'kept_rng', 'file_sha256',
            'tree_sha256', 'tensors_sha256', 'save_checkpoint', 'resume_from', 'UserError', 'check_device', 'read_run',
            'write_json', 'write_run', 'absolute_path', 'lock_path', 'out_lock', 'output_sha256', 'data_fingerprint',
-           'show_value', 'differences', 'take_back', 'require_upstream', 'check_same_data', 'prepare_out',
-           'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'Terminated',
+           'show_value', 'differences', 'take_back', 'changed_outputs', 'require_upstream', 'check_same_data',
+           'prepare_out', 'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'Terminated',
            'terminate_as_interrupt', 'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
@@ -519,8 +519,12 @@ def take_back():
     while EXTENDED_OUTS:
         out, rec = EXTENDED_OUTS.pop()
         if not is_main() or read_run(out) == rec: continue
-        if all((out/name).exists() and output_sha256(out/name) == h for name, h in rec['outputs'].items()):
+        if not changed_outputs(out, rec):
             with contextlib.suppress(OSError): write_json(out/RUN_FILE, rec)   # no room even for that: the error said so
+
+def changed_outputs(out, rec) -> list:
+    "The outputs a run.json record `rec` lists that are missing from `out`, or differ from their recorded hash."
+    return [name for name, h in rec['outputs'].items() if not (Path(out)/name).exists() or output_sha256(Path(out)/name) != h]
 
 # %% ../nbs/00a_runtime.ipynb #c2dc24f5
 def require_upstream(folder, stage, option, also=()) -> tuple:
@@ -609,7 +613,11 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
         how = "--resume to continue it, --force to replace it" if stage in RESUMABLE else "--force to replace it"
         raise UserError(f"--out {out} already holds a{'n' if state == 'unfinished' else ''} {state} `{stage}` run: pass "
                        f"{how}, or choose another --out")
-    if state == 'finished' and isinstance(rec.get('outputs'), dict): EXTENDED_OUTS.append((out, rec))
+    if state == 'finished' and isinstance(rec.get('outputs'), dict):
+        if changed := changed_outputs(out, rec):
+            raise UserError(f"cannot --resume {out}: {', '.join(changed)} changed after its run finished (not the content "
+                           f"its {RUN_FILE} records): it is not that run's any more; pass --force to start afresh")
+        EXTENDED_OUTS.append((out, rec))
     return state
 
 # %% ../nbs/00a_runtime.ipynb #d69590e5

@@ -354,8 +354,8 @@ def _seg_epoch(net, opt, scaler, pairs, cfg, epoch, bs, total, device, use_amp, 
 
 # %% ../nbs/08_segmentation.ipynb #438099a3
 def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir=None, resume=False,
-                       progress=True, model=None, callback=None) -> nn.Module:
-    "Train `cfg.model` on (image, pseudo mask) pairs; checkpoints to `out_dir` each epoch; returns the model (eval mode). Under `torchrun`: DistributedDataParallel, each rank on its share of every batch."
+                       progress=True, model=None, callback=None, made_from:dict=None) -> nn.Module:
+    "Train `cfg.model` on (image, pseudo mask) pairs; checkpoints to `out_dir` each epoch (recording `made_from`, the run's inputs); returns the model (eval mode). Under `torchrun`: DistributedDataParallel, each rank on its share of every batch."
     device = torch.device(device)
     pairs = _Pairs(images, masks)
     if len(pairs) == 0: raise ValueError("no training images")
@@ -400,7 +400,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
             if progress: print(f"epoch {epoch + 1}/{cfg.epochs}  loss {info['loss']:.4f}  ({info['seconds']:.1f} s)")
             if out_dir is not None:
                 save_checkpoint(ckpt_path, epoch + 1, history, cfg.to_dict(), model, opt, scaler=scaler,
-                                iteration=info['iteration'], data=data)
+                                iteration=info['iteration'], data=data, made_from=made_from)
             if callback is not None: callback(info)
         if out_dir is not None and is_main():
             atomic_save(dict(model=model.state_dict(), config=cfg.to_dict(), history=history), out_dir/'model.pt')

@@ -83,6 +83,32 @@ def test_resume_with_fewer_steps_than_mined(clf, tmp_path):
     ok('mine', '--classifier', clf/'c', '--out', o, '--max-steps', 5, '--resume')   # going further is what --resume is for
 
 
+@pytest.mark.parametrize('other', [['--n-images', 24], ['--seed', 7]], ids=['other-data', 'other-seed'])
+def test_resume_refuses_another_runs_checkpoint(clf, tmp_path, other):
+    "A classifier.pt copied in from a run on other data, or with another seed, is not this folder's: named, exit 2."
+    argv = [*SYN, *other] if other[0] == '--seed' else ['--data', 'shapes', '--n-images', 24, '--image-size', 32]
+    ok('train-classifier', *argv, '--epochs', 1, '--out', tmp_path/'other')
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    shutil.copy(tmp_path/'other'/'classifier.pt', o/'classifier.pt')
+    rec = read_run(o); rec['finished'] = False; (o/'run.json').write_text(json.dumps(rec))   # an interrupted run: no hash to check
+    refused(['classifier.pt', 'another run', 'seed' if other[0] == '--seed' else 'data_fingerprint'],
+            'train-classifier', *SYN, '--epochs', 4, '--out', o, '--resume')
+
+def test_resume_refuses_a_finished_checkpoint_changed_since(clf, tmp_path):
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    ck = torch.load(o/'classifier.pt', weights_only=True)
+    first = next(k for k, v in ck['model'].items() if v.is_floating_point()); ck['model'][first].view(-1)[0] += 1
+    torch.save(ck, o/'classifier.pt')
+    refused(['classifier.pt changed after its run finished', '--force'], 'train-classifier', *SYN, '--epochs', 4, '--out', o, '--resume')
+
+def test_mine_resume_refuses_another_runs_state(clf, tmp_path):
+    "A mining_state.pt from mining another classifier's features: its inputs name another classifier.pt."
+    ok('train-classifier', *SYN, '--epochs', 2, '--out', tmp_path/'c2')
+    ok('mine', '--classifier', tmp_path/'c2', '--out', tmp_path/'m2', '--max-steps', 2)
+    o = shutil.copytree(clf/'m', tmp_path/'m')
+    shutil.copy(tmp_path/'m2'/'mining_state.pt', o/'mining_state.pt')
+    refused(['mining_state.pt', 'another run', 'classifier'], 'mine', '--classifier', clf/'c', '--out', o, '--max-steps', 5, '--resume')
+
 @pytest.mark.parametrize('fault', ['full-disk', 'ctrl-c'])
 def test_a_finished_run_stays_finished_when_going_further_fails(clf, tmp_path, fault):
     "`--resume --epochs 5` of a finished 3-epoch run marks it unfinished while it trains; failing before a new checkpoint, it is the finished run it was."
@@ -107,6 +133,16 @@ def test_a_run_taken_further_stays_unfinished(clf, tmp_path):
     ok('train-classifier', *SYN, '--epochs', 5, '--out', o, '--resume')
     assert read_run(o)['finished'] and torch.load(o/'classifier.pt', weights_only=True)['epoch'] == 5
 
+
+def test_one_evaluate_folder_evaluates_one_network(clf, tmp_path):
+    "A second split goes beside the first only from the same --seg, unchanged: results of two networks never share a run.json."
+    ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    for s in ('sa', 'sb'): ok('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/s, '--epochs', 1)
+    ok('evaluate', '--seg', tmp_path/'sa', '--out', tmp_path/'e', '--n-val', 8)
+    refused(['not of --seg', str(tmp_path/'sa')], 'evaluate', '--seg', tmp_path/'sb', '--out', tmp_path/'e', '--split', 'train')
+    refused(['not of --seg'], 'evaluate', '--seg', tmp_path/'sb', '--out', tmp_path/'e', '--n-val', 8, '--force')
+    ok('evaluate', '--seg', tmp_path/'sa', '--out', tmp_path/'e', '--split', 'train')
+    assert sorted(read_run(tmp_path/'e')['outputs']) == ['eval_train.json', 'eval_val.json']
 
 # --- split files ----------------------------------------------------------------------------------------
 
