@@ -1063,13 +1063,13 @@ def split_text(path) -> str:
 def read_split_list(path) -> list:
     "The image ids of a split file, one per line; spaces around an id, Windows line ends, blank lines and a UTF-8 byte-order mark are allowed, a repeated id or one with a folder in it is a `ValueError` naming the file and line."
     ids, line_of = [], {}
-    for k, line in enumerate(split_text(path).splitlines(), 1):
+    for k, line in enumerate(split_text(path).split('\n'), 1):    # lines end at \n only, as `wc -l` counts them
         n = line.strip()
         if not n: continue
         if n in line_of:
             raise ValueError(f"{path}: the id {n!r} is listed twice (lines {line_of[n]} and {k}): an image would count "
                              f"twice; remove the repeated line")
-        hidden = [c for c in n if unicodedata.category(c) in ('Cf', 'Cc')]
+        hidden = [c for c in n if unicodedata.category(c) in ('Cf', 'Cc', 'Zl', 'Zp')]
         if hidden:
             raise ValueError(f"{path}, line {k}: the id {n!r} holds an invisible character (U+{ord(hidden[0]):04X}, e.g. a "
                              f"byte-order mark left by joining two files): delete it, so the line names its image")
