@@ -366,8 +366,12 @@ def write_run(out, stage, argv, preset, data, input_size, **extra):
 
 # %% ../nbs/00a_runtime.ipynb #3c3f079b
 def absolute_path(p):
-    "`p` as an absolute path string, `~` expanded (None stays None)."
-    return None if p is None else str(Path(p).expanduser().resolve())
+    "`p` as an absolute path string, `~` expanded (None stays None); an empty path, or one that cannot be followed (a loop of symbolic links), is a `UserError` naming it."
+    if p is None: return None
+    if not str(p).strip(): raise UserError(f"the path {str(p)!r} is empty: it names no file or folder; give its name")
+    try: return str(Path(p).expanduser().resolve())
+    except (RuntimeError, OSError) as e:     # Python 3.11-3.12: RuntimeError('Symlink loop ...'); later: OSError(ELOOP)
+        raise UserError(f"{p}: cannot follow this path ({e}); fix its symbolic links, or choose another path") from None
 
 # %% ../nbs/00a_runtime.ipynb #d7eb8a76
 def lock_path(out) -> Path:
@@ -639,6 +643,13 @@ def experiment_run(out, command:str, argv, config:dict, marker:str, resume=False
     "Around `multiminer <command>` (demo, table2, fig6) in `out`: a run there is refused unless `resume` (with the same `config`) or `force` (its files removed first); run.json says finished once the block completes."
     out = Path(out)
     if out.is_dir() and any(out.iterdir()):
+        try: rec = read_run(out)
+        except UserError:
+            if not force: raise
+            rec = dict(stage=command)          # a damaged run.json: --force replaces it
+        if rec.get('stage') != command:        # --force empties only a folder of this command's, never someone else's
+            what = f"the output of `multiminer {rec.get('stage')}`" if rec else f"files but no {RUN_FILE}"
+            raise UserError(f"--out {out} holds {what}, not a `multiminer {command}` run: choose a new or empty folder")
         if force:
             for p in (p for pat in EXPERIMENT_FILES for p in out.glob(pat)) if is_main() else ():
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -68,6 +68,27 @@ def test_our_own_enclosing_lock_does_not_refuse(tmp_path):
         with out_lock(tmp_path/'a'/'b', 'mine') as p: assert p.exists()
 
 
+def test_demo_force_never_empties_another_commands_folder(clf, tmp_path):
+    "`demo --force` replaces a demo; a stage's folder, or one with files but no run.json, it refuses before any work."
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    refused(['holds the output of `multiminer train-classifier`', 'not a `multiminer demo` run'], 'demo', '--out', o, '--force')
+    assert read_run(o)['stage'] == 'train-classifier' and (o/'classifier.pt').is_file()
+    (tmp_path/'mine').mkdir(); (tmp_path/'mine'/'mining').mkdir(); (tmp_path/'mine'/'notes.txt').write_text('mine')
+    refused(['files but no run.json'], 'demo', '--out', tmp_path/'mine', '--force')
+    assert (tmp_path/'mine'/'mining').is_dir()
+
+@pytest.mark.parametrize('where', ['out', 'out-below', 'voc-root'])
+def test_a_loop_of_symbolic_links_is_named(tmp_path, where):
+    (tmp_path/'a').symlink_to(tmp_path/'b'); (tmp_path/'b').symlink_to(tmp_path/'a')
+    argv = (['--data', 'voc', '--voc-root', tmp_path/'a', '--out', tmp_path/'o'] if where == 'voc-root' else
+            [*SYN, '--out', tmp_path/'a' if where == 'out' else tmp_path/'a'/'sub'])
+    refused(['cannot follow this path', str(tmp_path/'a')], 'train-classifier', *argv, '--epochs', 1)
+
+def test_an_empty_out_names_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(["the path '' is empty"], 'train-classifier', *SYN, '--epochs', 1, '--out', '')
+    assert list(tmp_path.iterdir()) == []
+
 # --- resume checks what it reuses -----------------------------------------------------------------------
 
 def test_resume_with_fewer_epochs_than_trained(clf, tmp_path):
