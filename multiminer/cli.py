@@ -158,8 +158,9 @@ def _mining_commands(add, data, train, run):
     m.add_argument('--max-steps', type=_int_at_least(1), metavar='N', help="cap on the mining steps (default: the preset's)")
     m.add_argument('--saliency', metavar='DIR', help="the saliency stop test (the synthetic preset's): one grey-scale PNG "
                    "per image, named <image id>.png; without it the stop test is the modulator's, the paper's")
-    m.add_argument('--scales', type=_int_at_least(8), nargs='+', metavar='PX', help="the input scales of the steps (Eq. 8; "
-                   "default: the preset's schedule, 256 321 417 for voc); one scale mines every step at it (Table 2)")
+    m.add_argument('--scales', type=_int_at_least(8, 2048), nargs='+', metavar='PX', help="the input scales of the steps "
+                   "(Eq. 8; default: the preset's schedule, 256 321 417 for voc; at most 2048, 5x the paper's largest); one "
+                   "scale mines every step at it (Table 2)")
     m.add_argument('--by-steps', action='store_true', help="Fig. 6, pseudo-mask version: after every step T, the mIoU of "
                    "the pseudo masks of steps 1..T merged (threshold cue, no CRF) against the training masks; "
                    "summary.json's miou_by_steps, fig_miou_by_steps.png")

@@ -22,7 +22,7 @@ import torch
 from .data import (SyntheticScenes, SyntheticShapes, IGNORE_INDEX, VOC_CLASSES, VOCImages, labels_from_mask,
                              save_mask_png, synthetic_bytes, voc_dataset)
 from .classifier import build_classifier, freeze, make_optimizer, n_classes_of, train_classifier
-from .features import FeatureBank
+from .features import FeatureBank, feature_bytes
 from .models import CheckpointError, load_checkpoint
 from .mining import MiningResult, MultiMiner, object_index
 from .metrics import confusion_matrix, miou
@@ -313,9 +313,15 @@ def erasing_result(er, labels, steps:int, region_threshold:float) -> MiningResul
 
 # %% ../nbs/08a_pipeline.ipynb #86f37358
 def cached_feature_bank(clf, images, cfg, cache_dir, key, device, progress):
-    "A FeatureBank with every scale extracted now; cached scales are reused only when their marker matches `key`."
+    "A FeatureBank with every scale extracted now; cached scales are reused only when their marker matches `key`. Scales whose features (held in memory without a `cache_dir`) and resized batches need more memory than the machine has are refused first."
     bank = FeatureBank(clf.extractor, images, cfg.scales, half=cfg.half_features, device=device,
                        cache_dir=cache_dir, progress=progress)
+    held = feature_bytes(len(images), clf.extractor.out_channels, cfg.scales, clf.extractor.stride, cfg.half_features)
+    need = (0 if cache_dir is not None else sum(held.values())) + min(bank.batch_size, len(images)) * 3 * max(cfg.scales) ** 2 * 4
+    if need > (have := available_memory()):
+        raise UserError(f"features of {len(images)} images at the scales {' '.join(map(str, cfg.scales))} need about "
+                        f"{need / 2**30:,.1f} GiB of memory, more than the {have / 2**30:,.1f} GiB available: use smaller "
+                        f"--scales (or fewer images)")
     for s in cfg.scales:
         if cache_dir is not None:
             npy, done = Path(cache_dir)/f'features_{s}.npy', Path(cache_dir)/f'features_{s}.json'

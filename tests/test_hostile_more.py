@@ -165,6 +165,15 @@ def test_one_evaluate_folder_evaluates_one_network(clf, tmp_path):
     ok('evaluate', '--seg', tmp_path/'sa', '--out', tmp_path/'e', '--split', 'train')
     assert sorted(read_run(tmp_path/'e')['outputs']) == ['eval_train.json', 'eval_val.json']
 
+def test_scales_too_large_for_memory_are_refused(clf, tmp_path, monkeypatch):
+    "--scales has a bound (2048 px); within it, features that do not fit the memory are refused before any is extracted."
+    refused(['--scales', 'in 8..2048', '100000'], 'mine', '--classifier', clf/'c', '--out', tmp_path/'m', '--scales', 100000)
+    import multiminer.pipeline as pipeline
+    monkeypatch.setattr(pipeline, 'available_memory', lambda: 2**30)
+    refused(['scales 64 2048', 'GiB of memory', 'smaller'], 'mine', '--classifier', clf/'c', '--out', tmp_path/'m',
+            '--scales', 64, 2048)
+    assert not (tmp_path/'m').exists() or not any((tmp_path/'m').iterdir())
+
 # --- split files ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
