@@ -1213,9 +1213,13 @@ class VOCImages(Dataset):
 
 # %% ../nbs/01_data.ipynb #d5e1557f
 def save_mask_png(mask, path):
-    "Write a (H, W) mask of class indices to `path` as a VOC palette PNG (atomically)."
+    "Write a (H, W) mask of class indices to `path` as a VOC palette PNG (atomically); a failed write (a full disk) is an `OSError` naming `path`."
     im = Image.fromarray(mask.numpy().astype(np.uint8)); im.putpalette(VOC_PALETTE.flatten().tolist())
-    with atomic_path(path, '.tmp.png') as tmp: im.save(tmp)
+    with atomic_path(path, '.tmp.png') as tmp:
+        try: im.save(tmp)
+        except OSError as e:
+            if e.filename is not None: raise
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 # %% ../nbs/01_data.ipynb #b1c59e82
 class PseudoMaskDataset(Dataset):

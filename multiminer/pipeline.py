@@ -521,8 +521,7 @@ def write_test_predictions(model, ds, folder, crf=False, workers=0, scales=(1.0,
             for i, _, m in progress_bar(it, 'test predictions', total=len(ds), disable=not progress, unit='image'):
                 save_mask_png(m, partial/f"{ds.names[i]}.png")
             if folder.exists(): shutil.rmtree(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException:           # atomic_path removed the partial folder; the folders made for it go too
         for p in made:
             with contextlib.suppress(OSError): p.rmdir()
         raise

@@ -198,12 +198,13 @@ def ordered_map(fn, jobs, workers:int=0):
 # %% ../nbs/00a_runtime.ipynb #c58d62dc
 @contextlib.contextmanager
 def atomic_path(path, suffix:str='.tmp', rename:bool=True):
-    "Yield a temporary path beside `path` (its name + `suffix`) to write a file or a folder to; once the block completes, rename it to `path` (with `rename` false, e.g. on the ranks that are not the main one, only yield it). A block that raises leaves `path` as it was, and no temporary file (a temporary folder stays: it holds what a retry may reuse)."
+    "Yield a temporary path beside `path` (its name + `suffix`) to write a file or a folder to; once the block completes, rename it to `path` (with `rename` false, e.g. on the ranks that are not the main one, only yield it). A block that raises leaves `path` as it was, and no temporary file or folder (a full disk keeps no half-written copy)."
     path = Path(path)
     tmp = path.with_name(path.name + suffix)
     try: yield tmp
     except BaseException:
         if tmp.is_file() or tmp.is_symlink(): tmp.unlink()
+        elif tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rename: os.replace(tmp, path)
 

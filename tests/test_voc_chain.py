@@ -171,6 +171,19 @@ def test_test_predictions_on_a_full_disk_leave_a_new_folder_as_found(chain, tmp_
     ok('evaluate', '--seg', chain['t']/'seg', '--split', 'test', '--out', out)
     assert read_run(out)['finished'] and len(list((out/VOC_TEST_RESULTS).iterdir())) == len(TEST)
 
+
+def test_pseudo_labels_on_a_full_disk_name_the_file_and_leave_nothing(chain, tmp_path, monkeypatch):
+    "PIL reports a failed write without the file's name: the message names it, and no masks.partial is left behind."
+    real, calls = Image.Image.save, []
+    def full(self, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) == 2: Path(fp).write_bytes(b'\x89PNG'); raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(self, fp, *a, **k)
+    monkeypatch.setattr(Image.Image, 'save', full)
+    code, _, err = run_cli('pseudo-labels', '--mining', chain['t']/'mining', '--out', tmp_path/'p', '--workers', 0)
+    assert code == 2 and 'No space left on device' in err and 'masks.partial' in err and 'Traceback' not in err, err
+    assert not (tmp_path/'p').exists() or not any((tmp_path/'p').iterdir()), sorted(map(str, (tmp_path/'p').rglob('*')))
+
 def test_fixed_step_erasing_on_voc(chain):
     d = chain['t']/'erasing'
     rec = read_run(d)
