@@ -26,7 +26,13 @@ def launch(argv=None):
     if signals:
         print("multiminer: interrupted while starting; nothing was done", file=sys.stderr)
         raise SystemExit(143 if signals[0] == signal.SIGTERM else 130)
+    if signal.SIGINT in catch: signal.signal(signal.SIGINT, _interrupt_once)
     return run(argv)
+
+def _interrupt_once(signum, frame):
+    "Ctrl-C: stop the command; more of them while it winds up are ignored."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 # %% ../nbs/11a_launcher.ipynb #9ad8599f
 #| eval: false

@@ -7,6 +7,7 @@ __all__ = ['SALIENCY_BG', 'SALIENCY_MODES', 'pseudo_masks', 'strongest_class', '
            'crf_refine', 'image_strength', 'image_pseudo_mask', 'check_saliency_folder']
 
 # %% ../nbs/07_pseudo_labels.ipynb #108d82c6
+import signal
 from pathlib import Path
 import numpy as np
 import torch
@@ -269,7 +270,7 @@ def crf_refine(images,                     # (N,3,H,W) float in [0,1] or uint8
             for i in range(a, a + len(probs)): yield imgs[i], probs[i - a].numpy(), present[i].nonzero().flatten().numpy(), crf_kwargs
     if workers > 0 and N > 1:   # forked processes; the jobs and their results are numpy only (torch is not fork-safe)
         import multiprocessing as mp
-        with mp.get_context('fork').Pool(workers) as pool:
+        with mp.get_context('fork').Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:   # Ctrl-C: the main process's
             res = list(pool.imap(_crf_one, jobs(), chunksize=max(1, min(chunk, N // (4 * workers)))))
     else: res = [_crf_one(j) for j in jobs()]
     return torch.from_numpy(np.stack(res)) if res else torch.zeros(0, H, W, dtype=torch.long)

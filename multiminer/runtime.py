@@ -184,16 +184,21 @@ def say(show:bool, *msg):
 
 # %% ../nbs/00a_runtime.ipynb #134ac0c9
 def ordered_map(fn, jobs, workers:int=0):
-    "For every job of the iterable `jobs`, `fn(*job)`, yielded in order; in `workers` spawned processes when `workers` > 1 (at most twice `workers` jobs pending), else here."
+    "For every job of the iterable `jobs`, `fn(*job)`, yielded in order; in `workers` spawned processes when `workers` > 1 (at most twice `workers` jobs pending), else here. The workers ignore Ctrl-C, which a terminal sends to every process of the command: the main process stops them."
     if workers <= 1:
         for job in jobs: yield fn(*job)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as ex:
+    ignore_ctrl_c = dict(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))   # the main process handles it and stops the workers
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'), **ignore_ctrl_c) as ex:
         pending = collections.deque()
-        for job in jobs:
-            pending.append(ex.submit(fn, *job))
-            while len(pending) > 2 * workers: yield pending.popleft().result()
-        while pending: yield pending.popleft().result()
+        try:
+            for job in jobs:
+                pending.append(ex.submit(fn, *job))
+                while len(pending) > 2 * workers: yield pending.popleft().result()
+            while pending: yield pending.popleft().result()
+        except BaseException:          # Ctrl-C, a failed job: what has not started is not started
+            for f in pending: f.cancel()
+            raise
 
 # %% ../nbs/00a_runtime.ipynb #c58d62dc
 @contextlib.contextmanager

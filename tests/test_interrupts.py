@@ -113,6 +113,31 @@ def test_a_signal_while_the_library_loads(tmp_path, sig, code, delay):
     assert 'interrupted' in err and not lock_path(tmp_path/'d').exists()
 
 
+@pytest.mark.parametrize('attempt', range(3))
+def test_a_second_ctrl_c_while_winding_up_changes_nothing(tmp_path, attempt):
+    "Two Ctrl-C 3 ms apart, in a real run started by the `multiminer` command: one line, exit 130, and --resume goes on."
+    out = tmp_path/'c'
+    p = subprocess.Popen([sys.executable, '-m', 'multiminer', 'train-classifier', *map(str, SHAPES), '--epochs', '200',
+                          '--out', str(out)], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for _ in range(600):
+        if (out/'classifier.pt').is_file(): break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT); time.sleep(0.003); p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and 'Traceback' not in err and 'Exception ignored' not in err, err
+    assert 'interrupted; what was done so far is saved in' in err.splitlines()[-1] and not lock_path(out).exists()
+    done = torch.load(out/'classifier.pt', weights_only=True)['epoch']
+    ok('train-classifier', *SHAPES, '--out', out, '--resume', '--epochs', done + 1)
+
+
+def test_worker_processes_leave_ctrl_c_to_the_main_one():
+    "A terminal sends Ctrl-C to every process of the command: workers ignore it (no traceback of theirs), the main process stops them."
+    from multiminer.runtime import ordered_map
+    assert list(ordered_map(signal.getsignal, [(signal.SIGINT,)] * 3, workers=2)) == [signal.SIG_IGN] * 3
+
+
 def test_out_under_a_file_and_a_name_too_long(tmp_path):
     (tmp_path/'f').write_text('x')
     code, _, err = run_cli('train-classifier', *SHAPES, '--out', tmp_path/'f'/'sub', '--quiet')
