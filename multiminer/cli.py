@@ -25,7 +25,7 @@ from .baselines import ErasingConfig, fixed_erasing
 from .metrics import iou_per_class, miou
 from .pseudo import check_saliency_folder, load_saliency
 from .segmentation import SegConfig, evaluate, load_segmentation_model, train_segmentation
-from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cached_feature_bank, check_fig6_flags,
+from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cached_feature_bank, check_fig6_flags, check_weights,
                                  check_snapshot_steps, check_synthetic_memory, classifier_restore, erasing_result,
                                  image_and_mask, image_ids, load_mining_result, load_pseudo_masks, load_stage_file,
                                  load_stage_network, mining_bar, mining_inputs, need_file, pseudo_mask_jobs,
@@ -335,11 +335,11 @@ def cmd_train_classifier(args, argv=()):
     out = Path(args.out)
     state = prepare_out(out, 'train-classifier', args.resume, args.force)
     spec, preset, seed, input_size = resolve_data(args)
-    if args.weights is not None and not Path(args.weights).is_file(): raise UserError(f"--weights {args.weights}: no such file")
     workers = args.workers if args.workers is not None else (4 if spec['kind'] == 'voc' else 0)
     over = _over(epochs=args.epochs, batch_size=args.batch_size, weights_path=args.weights, seed=seed,
                  num_workers=workers, modulator_width=args.modulator_width)
     cfg = ClassifierConfig.voc(**over) if preset == 'voc' else replace(demo_settings(spec, input_size, seed).classifier, **over)
+    check_weights(args.weights, cfg.extractor, cfg.extractor == 'vgg16')
     if spec['kind'] == 'voc':
         ds, fp = stage_dataset(spec, 'train_aug', voc_transforms(train=True, crop_size=cfg.input_size))
     else: ds, fp = stage_dataset(spec)
@@ -547,7 +547,6 @@ def cmd_train_seg(args, argv=()):
     out = Path(args.out)
     state = prepare_out(out, 'train-seg', args.resume, args.force, [('--pseudo', pseudo)])
     spec, preset, seed, input_size = resolve_data(args, up)
-    if args.weights is not None and not Path(args.weights).is_file(): raise UserError(f"--weights {args.weights}: no such file")
     model = args.model or ('deeplab-largefov' if preset == 'voc' else 'small')
     n_classes = 21 if spec['kind'] == 'voc' else spec['n_classes'] + 1
     workers = args.workers if args.workers is not None else (4 if spec['kind'] == 'voc' else 0)
@@ -557,6 +556,7 @@ def cmd_train_seg(args, argv=()):
     else:   # the demo's segmentation settings; its model_kwargs (the small network's stride) only for that network
         base = demo_settings(spec, input_size or SYNTHETIC_DEFAULTS['image_size'], seed).segmentation
         cfg = replace(base, model=model, **over, **({} if model == 'small' else dict(model_kwargs={})))
+    check_weights(args.weights, model, model != 'small' and cfg.pretrained)
     ds, fp = stage_dataset(spec)
     check_same_data(up, spec, fp, '--pseudo', pseudo)
     if spec['kind'] == 'voc': pairs, masks = PseudoMaskDataset(ds, pseudo/'masks'), None

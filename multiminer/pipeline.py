@@ -11,7 +11,7 @@ __all__ = ['SYNTHETIC_SETS', 'N_VAL_SYNTHETIC', 'SNAPSHOTS', 'VOC_TEST_RESULTS',
            'save_mining_result', 'check_mining_result', 'load_mining_result', 'erasing_result', 'cached_feature_bank',
            'mining_inputs', 'mining_bar', 'write_pseudo_masks', 'image_and_mask', 'pseudo_mask_jobs',
            'load_pseudo_masks', 'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou', 'snapshot_hashes',
-           'check_snapshot_steps', 'check_fig6_flags', 'by_steps_callback', 'write_test_predictions',
+           'check_snapshot_steps', 'check_weights', 'check_fig6_flags', 'by_steps_callback', 'write_test_predictions',
            'write_evaluation', 'prepare_evaluation']
 
 # %% ../nbs/08a_pipeline.ipynb #6347ce9e
@@ -144,13 +144,13 @@ def synthetic_name(spec) -> str:
     return 'shapes' if spec['kind'] == 'shapes' else 'scenes'
 
 # %% ../nbs/08a_pipeline.ipynb #34e240c5
-def check_synthetic_memory(spec):
-    "Refuse, before anything is allocated, a synthetic set whose images and masks need more memory than the machine can give."
+def check_synthetic_memory(spec, option='--n-images'):
+    "Refuse, before anything is allocated, a synthetic set whose images and masks need more memory than the machine can give (`option`: the flag that set its number of images)."
     if spec['kind'] == 'voc': return
     need, have = synthetic_bytes(spec['n_images'], spec['image_size']), available_memory()
     gib = lambda b: f"{b / 2**30:,.1f} GiB"
     if need > have:
-        raise UserError(f"--n-images {spec['n_images']} at --image-size {spec['image_size']} needs about {gib(need)} "
+        raise UserError(f"{option} {spec['n_images']} at --image-size {spec['image_size']} needs about {gib(need)} "
                         f"of memory for the images and masks alone, more than the {gib(have)} available: use fewer "
                         f"or smaller images")
 
@@ -159,7 +159,7 @@ def synthetic_split(spec, split='train', n_val=N_VAL_SYNTHETIC):
     "The synthetic set of `spec` (`make_synthetic`): its training set, or its validation set (seed + 100000)."
     if split in ('train', 'train_aug'):
         return make_synthetic(synthetic_name(spec), spec['n_images'], spec['n_classes'], spec['image_size'], spec['seed'])
-    check_synthetic_memory(dict(spec, n_images=n_val))
+    check_synthetic_memory(dict(spec, n_images=n_val), '--n-val')
     return make_synthetic(synthetic_name(spec), n_val, spec['n_classes'], spec['image_size'], spec['seed'] + 100_000)
 
 # %% ../nbs/08a_pipeline.ipynb #88b8126e
@@ -483,6 +483,16 @@ def check_snapshot_steps(t, up, folder):
     if f"{SNAPSHOTS}/step_{t}.pt" not in up['outputs']:
         raise UserError(f"--steps {t}: {Path(folder)/RUN_FILE} records no hash of {SNAPSHOTS}/step_{t}.pt: it was edited; run "
                         f"`multiminer mine --snapshots` again")
+
+# %% ../nbs/08a_pipeline.ipynb #cff21b1f
+def check_weights(path, network:str, loads:bool):
+    "Refuse a `--weights` that is no file, or one given to a `network` that `loads` no ImageNet weights (it would be ignored)."
+    if path is None: return
+    if not loads:
+        raise UserError(f"--weights {path}: the {network} network of this preset loads no ImageNet weights (it trains from "
+                        f"scratch), so they would be ignored; leave --weights out, or use --preset voc")
+    if not Path(path).is_file():
+        raise UserError(f"--weights {path}: {'a folder' if Path(path).is_dir() else 'no such file'}, not a weights file")
 
 # %% ../nbs/08a_pipeline.ipynb #5d34a952
 def check_fig6_flags(out, flags:dict):

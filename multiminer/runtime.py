@@ -331,6 +331,8 @@ def _check_run(rec, p):
             raise _not_a_run(p, f"outputs names {name!r}, not a file inside its folder")
     if rec.get('preset') not in PRESETS + (None,): raise _not_a_run(p, f"preset is {show_value(rec['preset'])}, not one of {PRESETS}")
     if not 0 <= rec.get('seed', 0) <= SEED_MAX: raise _not_a_run(p, f"seed is {rec['seed']}, not in 0..{SEED_MAX}")
+    if rec.get('steps_run', 0) < 0: raise _not_a_run(p, f"steps_run is {rec['steps_run']}, not a number of steps")
+    if rec.get('input_size') is not None and rec['input_size'] < 1: raise _not_a_run(p, f"input_size is {rec['input_size']}, not a size")
     d = rec.get('data')
     if d is not None:
         if d.get('kind') not in DATA_KINDS: raise _not_a_run(p, f"data.kind is {show_value(d.get('kind'))}, not one of {DATA_KINDS}")

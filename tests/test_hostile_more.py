@@ -174,6 +174,28 @@ def test_scales_too_large_for_memory_are_refused(clf, tmp_path, monkeypatch):
             '--scales', 64, 2048)
     assert not (tmp_path/'m').exists() or not any((tmp_path/'m').iterdir())
 
+@pytest.mark.parametrize('key, value, folder, argv', [
+    ('steps_run', -3, 'm', ['pseudo-labels', '--mining', '{d}']),
+    ('input_size', 0, 'c', ['mine', '--classifier', '{d}', '--max-steps', 1])])
+def test_run_json_numbers_out_of_range(clf, tmp_path, key, value, folder, argv):
+    "Types were checked; a number no stage writes (a negative step count, a size of 0) is named as an edit too."
+    d = shutil.copytree(clf/folder, tmp_path/folder)
+    rec = read_run(d); rec[key] = value; (d/'run.json').write_text(json.dumps(rec))
+    refused([d/'run.json', f'{key} is {value}', 'edited or damaged'], *[d if a == '{d}' else a for a in argv], '--out', tmp_path/'o')
+
+def test_weights_the_network_would_ignore(tmp_path):
+    "The synthetic preset's small networks train from scratch: ImageNet weights given to them are refused, not ignored."
+    (tmp_path/'vgg16.pth').write_bytes(b'')
+    refused(['--weights', 'would be ignored'], 'train-classifier', *SYN, '--weights', tmp_path/'vgg16.pth', '--out', tmp_path/'c')
+    make_voc_fixture(tmp_path/'D')
+    refused(['a folder, not a weights file'], 'train-classifier', '--preset', 'voc', '--voc-root', tmp_path/'D', '--weights', tmp_path,
+            '--out', tmp_path/'c')
+
+def test_n_val_too_large_names_n_val(clf, tmp_path):
+    ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    ok('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1)
+    refused(['--n-val 100000000', 'memory'], 'evaluate', '--seg', tmp_path/'s', '--out', tmp_path/'e', '--n-val', 100000000)
+
 # --- split files ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
