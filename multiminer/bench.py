@@ -21,7 +21,7 @@ from torch.profiler import profile, ProfilerActivity
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 import multiminer
-from .runtime import atomic_path
+from .runtime import RUN_FILE, UserError, atomic_path, read_run
 from .features import FeatureBank, resize_images
 from .classifier import build_classifier, train_classifier, freeze
 from .models import vgg16_extractor, ParallelModulator
@@ -422,7 +422,11 @@ def run_bench(out, quick:bool=False, device='cpu', seed:int=0, sizes:BenchSizes=
     check_demo_args(out, seed=seed, device=device)
     if data not in ('scenes', 'shapes'): raise ValueError(f"--data must be 'scenes' or 'shapes', got {data!r}")
     sz = sizes or (BenchSizes.quick() if quick else BenchSizes())
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    if (out/RUN_FILE).is_file():
+        raise UserError(f"--out {out} holds the output of `multiminer {read_run(out).get('stage')}`: the benchmark writes "
+                        f"bench.json in a folder of its own; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
     device, cuda = str(device), torch.device(device).type == 'cuda'
     res, skipped, det = {}, {}, {}
     t_all, load0, cpu0 = time.perf_counter(), os.getloadavg(), _cpu_seconds()

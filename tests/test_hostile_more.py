@@ -89,6 +89,11 @@ def test_an_empty_out_names_no_folder(tmp_path, monkeypatch):
     refused(["the path '' is empty"], 'train-classifier', *SYN, '--epochs', 1, '--out', '')
     assert list(tmp_path.iterdir()) == []
 
+def test_bench_never_writes_into_a_stages_folder(clf, tmp_path):
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    refused(['holds the output of `multiminer train-classifier`', 'folder of its own'], 'bench', '--quick', '--out', o)
+    assert sorted(p.name for p in o.iterdir()) == ['classifier.pt', 'run.json']
+
 # --- resume checks what it reuses -----------------------------------------------------------------------
 
 def test_resume_with_fewer_epochs_than_trained(clf, tmp_path):
