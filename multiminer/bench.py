@@ -10,7 +10,7 @@ __all__ = ['MEMORY_STAGES', 'FWD_MODELS', 'FWD_SIZES', 'PRECISIONS', 'BENCH_KEYS
            'profile_step', 'add_bench_args', 'bench_from_args']
 
 # %% ../nbs/13_bench.ipynb #eba354a4
-import copy, dataclasses, gc, json, math, os, resource, subprocess, sys, time, types
+import copy, dataclasses, gc, json, math, os, resource, shutil, subprocess, sys, time, types
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -21,7 +21,7 @@ from torch.profiler import profile, ProfilerActivity
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 import multiminer
-from .runtime import RUN_FILE, UserError, atomic_path, read_run
+from .runtime import RUN_FILE, UserError, atomic_path, atomic_save, read_run
 from .features import FeatureBank, resize_images
 from .classifier import build_classifier, train_classifier, freeze
 from .models import vgg16_extractor, ParallelModulator
@@ -372,7 +372,7 @@ def _bench_memory(b):
         n1, n2 = sz.memory_images
         say(f"peak memory per stage at {n1} and {n2} images, and mining {sz.memory_steps} against {2 * sz.memory_steps} steps (fresh processes)")
         path = out/'bench_data.pt'
-        torch.save(dict(kind=data, images=ds.images, labels=ds.labels, masks=ds.masks), path)
+        atomic_save(dict(kind=data, images=ds.images, labels=ds.labels, masks=ds.masks), path)
         kw = dict(data_path=str(path), seed=seed, device=device, batch_size=n1)   # batches no larger than the smaller set
         try:
             m1 = in_child('stage_memory', n_images=n1, steps_test=sz.memory_steps, **kw)
@@ -532,6 +532,10 @@ def add_bench_args(parser):
 
 def bench_from_args(args) -> dict:
     "Run `run_bench` with the arguments `add_bench_args` defined."
-    res = run_bench(args.out, quick=args.quick, device=args.device, seed=args.seed, data=args.data, progress=not args.quiet)
+    new = not Path(args.out).exists()
+    try: res = run_bench(args.out, quick=args.quick, device=args.device, seed=args.seed, data=args.data, progress=not args.quiet)
+    except BaseException:      # interrupted, a full disk: a folder it made holds nothing of value
+        if new: shutil.rmtree(args.out, ignore_errors=True)
+        raise
     if args.quiet: print(format_bench(res))
     return res

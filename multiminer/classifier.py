@@ -163,7 +163,8 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
         if ckpt.exists():
             ck = load_checkpoint(ckpt, map_location=device)
             changed = {k for k, v in asdict(cfg).items() if k != 'epochs' and ck['config'].get(k) != v}
-            if changed: warnings.warn(f"resuming with a configuration that differs from the checkpoint's in {sorted(changed)}")
+            if changed: raise ValueError(f"cannot resume from {ckpt}: it was trained with another configuration (it differs in "
+                                         f"{sorted(changed)}): it is another run's checkpoint; start afresh (--force)")
             start, clf.history = resume_from(ck, clf, opt, sched, scaler)
             say(progress, f"resuming from {ckpt} after epoch {start}")
         else: say(progress, f"no checkpoint at {ckpt}; starting from scratch")

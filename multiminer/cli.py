@@ -18,14 +18,13 @@ from .runtime import (DATA_KINDS, NEW_OUTS, PRESETS, SEED_MAX, UserError, absolu
                                 interrupted_message, is_main, launched, os_error_message, out_lock, output_sha256, Terminated,
                                 prepare_out, experiment_run, require_upstream, say, take_back, terminate_as_interrupt, tree_sha256, write_json,
                                 write_run)
-from .data import VOCTestImages, PseudoMaskDataset, VOC_CLASSES, image_file_size, voc_transforms
+from .data import VOCTestImages, PseudoMaskDataset, VOC_CLASSES, voc_transforms
 from .classifier import CHECKPOINT_NAME, ClassifierConfig, freeze, load_classifier, train_classifier
 from .mining import MiningConfig, MultiMiner
 from .baselines import ErasingConfig, fixed_erasing
 from .metrics import iou_per_class, miou
-from .pseudo import check_saliency_folder, load_saliency
 from .segmentation import SegConfig, evaluate, load_segmentation_model, train_segmentation
-from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cached_feature_bank, check_fig6_flags, check_weights,
+from .pipeline import (N_VAL_SYNTHETIC, VOC_TEST_RESULTS, by_steps_callback, cached_feature_bank, check_fig6_flags, check_weights, checked_saliency,
                                  check_snapshot_steps, check_synthetic_memory, classifier_restore, erasing_result,
                                  image_and_mask, image_ids, load_mining_result, load_pseudo_masks, load_stage_file,
                                  load_stage_network, mining_bar, mining_inputs, need_file, pseudo_mask_jobs,
@@ -415,6 +414,7 @@ def cmd_mine(args, argv=()):
     if r.state != 'new' and (out/'mining_state.pt').is_file():    # what MultiMiner.run(resume=True) will load
         try_resume(out/'mining_state.pt', 'mine', lambda ck: MultiMiner(clf.modulator, cfg, device=args.device).load(out/'mining_state.pt'),
                    planned=('--max-steps', cfg.max_steps, lambda ck: ck['state']['t']), made_from=(now, ('max_steps',)))
+    sal = checked_saliency(args.saliency, names, ds, spec['kind'] == 'voc', size=cfg.scales[-1]) if args.saliency else None
     write_run(out, 'mine', argv, preset, spec, input_size, seed=seed, finished=False, **now, **flags)
     say(not args.quiet, f"mine: {len(labels)} images, {int((labels > 0.5).sum())} objects, preset {preset}: scales "
          f"{cfg.scales}, batches {cfg.batch_sizes}, at most {cfg.max_steps} steps, on {args.device}")
@@ -423,7 +423,6 @@ def cmd_mine(args, argv=()):
     bank = cached_feature_bank(clf, images, cfg, out/'features' if spec['kind'] == 'voc' else None, key, args.device,
                          not args.quiet)
     bar, show = mining_bar(cfg.max_steps, not args.quiet)
-    sal = load_saliency(args.saliency, names, size=cfg.scales[-1]) if args.saliency else None
     fig6 = by_steps_callback(out, labels, ds.load_mask if spec['kind'] == 'voc' else (lambda i: ds.masks[i]), args.by_steps,
                              args.snapshots)
     with bar:
@@ -498,9 +497,7 @@ def cmd_pseudo_labels(args, argv=()):
     if steps < len(result.history): result = snapshot_result(result, mining, steps)
     if len(ds) != len(names) or (spec['kind'] == 'voc' and list(ds.names) != list(names)):
         raise UserError(f"{len(ds)} images under the data options but {len(names)} were mined in {mining}")
-    if args.saliency is not None:
-        check_saliency_folder(args.saliency, names, (lambda i: image_file_size(ds.image_paths[i])) if spec['kind'] == 'voc'
-                               else (lambda i: tuple(ds.images.shape[-2:])))
+    if args.saliency is not None: checked_saliency(args.saliency, names, ds, spec['kind'] == 'voc')
     fields = DemoSettings.__dataclass_fields__
     crf_bg = fields['bg_fixed_erasing_crf' if up['stage'] == 'erase' else 'bg_multiminer_crf'].default   # the demo's, per method
     bg = args.bg_threshold if args.bg_threshold is not None else round(crf_bg if args.crf else result.mined_threshold, 6)
@@ -691,7 +688,7 @@ def main(argv=None):
         print(f"multiminer {args.command}: error: {_message(e)}", file=sys.stderr)
         raise SystemExit(2)
     finally:
-        if launched() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized() and launched(): torch.distributed.destroy_process_group()
     return 0
 
 # %% ../nbs/11_cli.ipynb #ed478767

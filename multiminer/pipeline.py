@@ -9,25 +9,26 @@ __all__ = ['SYNTHETIC_SETS', 'N_VAL_SYNTHETIC', 'SNAPSHOTS', 'VOC_TEST_RESULTS',
            'voc_split', 'stage_dataset', 'image_ids', 'need_file', 'load_stage_file', 'reading_stage_file',
            'check_finite', 'load_stage_network', 'try_resume', 'classifier_restore', 'segmentation_restore',
            'save_mining_result', 'check_mining_result', 'load_mining_result', 'erasing_result', 'cached_feature_bank',
-           'mining_inputs', 'mining_bar', 'write_pseudo_masks', 'image_and_mask', 'pseudo_mask_jobs',
-           'load_pseudo_masks', 'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou', 'snapshot_hashes',
-           'check_snapshot_steps', 'check_weights', 'check_fig6_flags', 'by_steps_callback', 'write_test_predictions',
-           'write_evaluation', 'prepare_evaluation']
+           'mining_inputs', 'mining_bar', 'write_pseudo_masks', 'image_and_mask', 'checked_saliency',
+           'pseudo_mask_jobs', 'load_pseudo_masks', 'snapshot_path', 'save_snapshot', 'snapshot_result', 'merged_miou',
+           'snapshot_hashes', 'check_snapshot_steps', 'check_weights', 'check_fig6_flags', 'by_steps_callback',
+           'write_test_predictions', 'write_evaluation', 'prepare_evaluation']
 
 # %% ../nbs/08a_pipeline.ipynb #6347ce9e
-import contextlib, dataclasses, json, shutil, sys, time
+import contextlib, dataclasses, json, os, shutil, sys, time
 from dataclasses import asdict, replace
 from pathlib import Path
 import torch
 from .data import (SyntheticScenes, SyntheticShapes, IGNORE_INDEX, VOC_CLASSES, VOCImages, labels_from_mask,
-                             save_mask_png, synthetic_bytes, voc_dataset)
+                             image_file_size, save_mask_png, synthetic_bytes, voc_dataset)
 from .classifier import build_classifier, freeze, make_optimizer, n_classes_of, train_classifier
 from .features import FeatureBank, feature_bytes
 from .models import CheckpointError, load_checkpoint
 from .mining import MiningResult, MultiMiner, object_index
 from .metrics import confusion_matrix, miou
 from .baselines import ErasingConfig, fixed_erasing, normalized_cam
-from .pseudo import pseudo_masks, crf_refine, SALIENCY_BG, image_strength, image_pseudo_mask, load_saliency
+from .pseudo import (pseudo_masks, crf_refine, SALIENCY_BG, check_saliency_folder, image_strength, image_pseudo_mask,
+                              load_saliency)
 from .runtime import (RUN_FILE, UserError, absolute_path, atomic_path, atomic_save, available_memory, barrier, data_fingerprint,
                                 file_sha256, is_main, kept_rng, ordered_map, progress_bar, read_run, resume_from, say,
                                 differences, prepare_out, show_value, tree_sha256, write_json, write_run)
@@ -395,6 +396,12 @@ def image_and_mask(ds, voc:bool) -> tuple:
         return get, VOC_CLASSES
     return (lambda i: (ds.images[i], ds.masks[i])), ['background'] + ds.class_names
 
+# %% ../nbs/08a_pipeline.ipynb #f94d4165
+def checked_saliency(folder, names, ds, voc:bool, size=None):
+    "Check the saliency folder for the images of `ds` before any work (every map there, readable, 8-bit, of its image's size); with `size`, the maps loaded at that size (`load_saliency`)."
+    check_saliency_folder(folder, names, (lambda i: image_file_size(ds.image_paths[i])) if voc else (lambda i: tuple(ds.images.shape[-2:])))
+    return None if size is None else load_saliency(folder, names, size=size)
+
 # %% ../nbs/08a_pipeline.ipynb #e5e9836a
 def pseudo_mask_jobs(get, result, labels, names, gts, bg_threshold, saliency=None, saliency_threshold=SALIENCY_BG, crf=False):
     "The arguments of `image_pseudo_mask` for each image (`get(i)`: its image and ground truth, which goes into `gts`); the saliency maps read from the folder `saliency`, a damaged one named."
@@ -530,11 +537,14 @@ def write_test_predictions(model, ds, folder, crf=False, workers=0, scales=(1.0,
             it = iter_masks(model, ds, crf, None, workers, scales=scales, flip=flip, device=device)
             for i, _, m in progress_bar(it, 'test predictions', total=len(ds), disable=not progress, unit='image'):
                 save_mask_png(m, partial/f"{ds.names[i]}.png")
-            if folder.exists(): shutil.rmtree(folder)
+            old = folder.with_name(folder.name + '.old')
+            if old.exists(): shutil.rmtree(old)           # left by a run stopped between the two renames
+            if folder.exists(): os.replace(folder, old)   # set aside, not deleted: an interrupt here loses no prediction
     except BaseException:           # atomic_path removed the partial folder; the folders made for it go too
         for p in made:
             with contextlib.suppress(OSError): p.rmdir()
         raise
+    if old.exists(): shutil.rmtree(old)
     return folder
 
 # %% ../nbs/08a_pipeline.ipynb #ecbc80e9

@@ -44,7 +44,9 @@ _CPU_GROUP = None   # a gloo group for tensors that live on the CPU (pools, feat
 
 def launched() -> bool:
     "Whether `torchrun` started this process as one of several (it sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR)."
-    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+    n = os.environ.get('WORLD_SIZE', '1')
+    if not n.strip().isdigit(): raise UserError(f"WORLD_SIZE={n!r} in the environment is not a number of processes (torchrun sets it); unset it")
+    return int(n) > 1
 
 def init_distributed(device='cpu') -> torch.device:
     "Join the process group `torchrun` describes: NCCL when `device` is CUDA (one GPU per local rank), gloo on CPU. Returns this rank's device; a plain run returns `device`."
@@ -218,9 +220,9 @@ def atomic_save(obj, path):
     with atomic_path(path) as tmp:
         try: torch.save(obj, tmp)
         except RuntimeError as e:     # torch's writer reports a failed write (ENOSPC, EIO) as a RuntimeError
-            if not any(w in str(e).lower() for w in ('write', 'iostream', 'unexpected pos')): raise
-            raise OSError(errno.EIO, f"the file could not be written ({' '.join(str(e).split())[:160]}); is the disk full?",
-                          str(path)) from None
+            if not any(w in str(e).lower() for w in ('write', 'iostream', 'unexpected pos', 'open file failed')): raise
+            hint = '' if 'open file failed' in str(e).lower() else '; is the disk full?'
+            raise OSError(errno.EIO, f"the file could not be written ({' '.join(str(e).split())[:160]}){hint}", str(path)) from None
 
 # %% ../nbs/00a_runtime.ipynb #66c1b4fa
 def rng_state() -> dict:
@@ -511,10 +513,11 @@ def differences(then: dict, now: dict, ignore=()) -> list:
 
 # %% ../nbs/00a_runtime.ipynb #83609035
 STAGE_FILES = {'train-classifier': ('classifier.pt',),
-               'mine': ('mining_result.pt', 'mining_state.pt', 'summary.json', 'snapshots', 'fig_miou_by_steps.png'),
+               'mine': ('mining_result.pt', 'mining_state.pt', 'summary.json', 'snapshots', 'fig_miou_by_steps.png', 'features'),
                'erase': ('mining_result.pt', 'summary.json'),
                'pseudo-labels': ('pseudo_masks.pt', 'masks', 'masks.partial', 'summary.json'),
                'train-seg': ('model.pt', 'checkpoint.pt', 'history.json'), 'evaluate': ()}
+_STAGE_NAMES = {n for names in STAGE_FILES.values() for n in names if not n.startswith('fig_')}   # what only a stage writes
 RESUMABLE = ('train-classifier', 'mine', 'train-seg')
 _READS = {'train-classifier': ('classifier.pt',), 'mine': ('mining_result.pt',), 'erase': ('mining_result.pt',),
           'train-seg': ('model.pt',)}    # what the next stage reads (pseudo-labels: masks/ or pseudo_masks.pt)
@@ -607,6 +610,9 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
     except UserError:
         if not force: raise
         rec = dict(stage=stage)          # a damaged run.json: --force replaces it with the files of this stage, as it would a run
+        if foreign := [p.name for p in out.iterdir() if p.name not in STAGE_FILES[stage] + (RUN_FILE,)]:
+            raise UserError(f"--out {out}: its {RUN_FILE} is damaged and it holds {foreign[0]}, which `multiminer {stage}` does "
+                            f"not write: it is not this stage's folder; choose another --out")
     if not rec:
         raise UserError(f"--out {out} holds files but no {RUN_FILE}, so it is not a `multiminer {stage}` folder: choose a new "
                        f"or empty folder")
@@ -625,7 +631,7 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
         how = "--resume to continue it, --force to replace it" if stage in RESUMABLE else "--force to replace it"
         raise UserError(f"--out {out} already holds a{'n' if state == 'unfinished' else ''} {state} `{stage}` run: pass "
                        f"{how}, or choose another --out")
-    if state == 'finished' and isinstance(rec.get('outputs'), dict):
+    if state == 'finished' and stage in RESUMABLE and isinstance(rec.get('outputs'), dict):
         if changed := changed_outputs(out, rec):
             raise UserError(f"cannot --resume {out}: {', '.join(changed)} changed after its run finished (not the content "
                            f"its {RUN_FILE} records): it is not that run's any more; pass --force to start afresh")
@@ -649,12 +655,15 @@ EXPERIMENT_FILES = ('classifier', 'saliency', 'mining', 'mining_*', 'segmentatio
 @contextlib.contextmanager
 def experiment_run(out, command:str, argv, config:dict, marker:str, resume=False, force=False):
     "Around `multiminer <command>` (demo, table2, fig6) in `out`: a run there is refused unless `resume` (with the same `config`) or `force` (its files removed first); run.json says finished once the block completes."
-    out = Path(out)
+    out, before = Path(out), None
     if out.is_dir() and any(out.iterdir()):
         try: rec = read_run(out)
         except UserError:
             if not force: raise
-            rec = dict(stage=command)          # a damaged run.json: --force replaces it
+            rec = dict(stage=command)          # a damaged run.json: --force replaces it, in a folder of this command's files only
+            if foreign := [p.name for p in out.iterdir() if p.name in _STAGE_NAMES or not any(p.match(pat) for pat in EXPERIMENT_FILES)]:
+                raise UserError(f"--out {out}: its {RUN_FILE} is damaged and it holds {foreign[0]}, which `multiminer {command}` "
+                                f"does not write: it is not this command's folder; choose another --out")
         if rec.get('stage') != command:        # --force empties only a folder of this command's, never someone else's
             what = f"the output of `multiminer {rec.get('stage')}`" if rec else f"files but no {RUN_FILE}"
             raise UserError(f"--out {out} holds {what}, not a `multiminer {command}` run: choose a new or empty folder")
@@ -663,12 +672,17 @@ def experiment_run(out, command:str, argv, config:dict, marker:str, resume=False
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif resume:
             if read_run(out): check_resume(out, dict(config=config))
+            if rec.get('finished') is True and (out/marker).is_file(): before = (rec, file_sha256(out/marker))
         else:
             what = f"a finished run ({marker})" if (out/marker).is_file() else "an unfinished run"
             raise UserError(f"--out {out} already holds {what}: pass --resume to continue or reuse it, --force to run it "
                             f"again from scratch, or choose another --out")
     write_run(out, command, argv, None, None, None, seed=config.get('seed', 0), finished=False, config=config)
-    yield
+    try: yield
+    except BaseException:      # a finished run that --resume was going over, its result unchanged: it stays that finished run
+        if before is not None and is_main() and (out/marker).is_file() and file_sha256(out/marker) == before[1]:
+            with contextlib.suppress(OSError): write_json(out/RUN_FILE, before[0])
+        raise
     write_run(out, command, argv, None, None, None, seed=config.get('seed', 0), finished=True, config=config)
 
 # %% ../nbs/00a_runtime.ipynb #394fde04

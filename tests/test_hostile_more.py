@@ -201,6 +201,38 @@ def test_n_val_too_large_names_n_val(clf, tmp_path):
     ok('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1)
     refused(['--n-val 100000000', 'memory'], 'evaluate', '--seg', tmp_path/'s', '--out', tmp_path/'e', '--n-val', 100000000)
 
+def test_train_classifier_refuses_another_configurations_checkpoint(clf, tmp_path):
+    "What the demo's --resume relies on: a classifier.pt trained with another seed is refused, not resumed with a warning."
+    from dataclasses import replace
+    from multiminer.classifier import ClassifierConfig, train_classifier
+    from multiminer.pipeline import stage_dataset
+    o = shutil.copytree(clf/'c', tmp_path/'c')
+    cfg = ClassifierConfig(**torch.load(o/'classifier.pt', weights_only=True)['config'])
+    ds = stage_dataset(read_run(o)['data'])[0]
+    with pytest.raises(ValueError, match="another configuration .*'seed'"):
+        train_classifier(replace(cfg, seed=cfg.seed + 1, epochs=5), ds, out_dir=o, resume=True, progress=False)
+
+@pytest.mark.parametrize('command', ['train-seg', 'demo'])
+def test_force_over_a_damaged_run_json_keeps_another_stages_files(clf, tmp_path, command):
+    "The damaged run.json no longer says whose folder it is; the files do: mine's outputs are neither train-seg's nor the demo's."
+    o = shutil.copytree(clf/'m', tmp_path/'m'); (o/'run.json').write_text('{"stage": "mine", "fini')
+    before = sorted(p.name for p in o.iterdir())
+    if command == 'train-seg': ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    argv = ['train-seg', '--pseudo', tmp_path/'p', '--epochs', 1] if command == 'train-seg' else ['demo']
+    refused(['run.json is damaged', 'not this'], *argv, '--out', o, '--force')
+    assert sorted(p.name for p in o.iterdir()) == before
+
+def test_world_size_that_is_no_number(tmp_path, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', 'x')
+    refused(["WORLD_SIZE='x'", 'not a number'], 'train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'c')
+
+def test_an_interrupted_bench_leaves_no_folder(tmp_path):
+    import multiminer.bench as bench
+    def stopped(out, **kw): Path(out).mkdir(); (Path(out)/'bench_data.pt').write_bytes(b'x'); raise KeyboardInterrupt
+    with mock.patch.object(bench, 'run_bench', stopped):
+        code, _, err = run_cli('bench', '--quick', '--out', tmp_path/'b')
+    assert code == 130 and not (tmp_path/'b').exists(), err
+
 # --- split files ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')

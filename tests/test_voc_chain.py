@@ -6,7 +6,7 @@ nbs/10_voc_recipe.ipynb says it writes. Only the sizes are tiny: two training im
 validation image, one epoch per network, a 16-channel modulator; the VGG-16 "ImageNet" weights are a random
 VGG-16 saved in torchvision's layout and read through --weights, as an offline machine would.
 """
-import contextlib, errno, io, json, time
+import contextlib, errno, io, json, shutil, time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from PIL import Image
 
 from multiminer.cli import main, load_mining_result
 from multiminer.runtime import read_run
-from multiminer.runtime import file_sha256
+from multiminer.runtime import file_sha256, tree_sha256
 from cli_helpers import run_cli, ok
 from multiminer.classifier import load_classifier
 from multiminer.data import make_voc_fixture, read_mask_file, voc_dataset
@@ -183,6 +183,30 @@ def test_pseudo_labels_on_a_full_disk_name_the_file_and_leave_nothing(chain, tmp
     code, _, err = run_cli('pseudo-labels', '--mining', chain['t']/'mining', '--out', tmp_path/'p', '--workers', 0)
     assert code == 2 and 'No space left on device' in err and 'masks.partial' in err and 'Traceback' not in err, err
     assert not (tmp_path/'p').exists() or not any((tmp_path/'p').iterdir()), sorted(map(str, (tmp_path/'p').rglob('*')))
+
+
+def test_evaluate_force_replaces_test_predictions_that_changed(chain, tmp_path):
+    "A folder whose predictions lost files (a run stopped while replacing them, a hand) is evaluated again with --force."
+    d = shutil.copytree(chain['t']/'eval', tmp_path/'eval')
+    next((d/VOC_TEST_RESULTS).iterdir()).unlink()
+    ok('evaluate', '--seg', chain['t']/'seg', '--split', 'test', '--out', d, '--force')
+    assert len(list((d/VOC_TEST_RESULTS).iterdir())) == len(TEST) and not (d/(VOC_TEST_RESULTS + '.old')).exists()
+    assert read_run(d)['outputs'][VOC_TEST_RESULTS] == tree_sha256(d/VOC_TEST_RESULTS)
+
+
+@pytest.mark.parametrize('bad', ['16-bit', 'size', 'missing'])
+def test_mine_checks_its_saliency_maps_before_any_work(chain, tmp_path, bad):
+    "As pseudo-labels does: 16-bit maps, maps of another size, missing maps are refused before features are extracted."
+    sal = shutil.copytree(chain['sal'], tmp_path/'sal')
+    first = sorted(sal.iterdir())[0]
+    if bad == '16-bit': Image.fromarray(np.full(SIZE, 40000, np.uint16)).save(first)
+    elif bad == 'size': Image.fromarray(np.full((7, 9), 255, np.uint8)).save(first)
+    else: first.unlink()
+    needle = {'16-bit': 'mode-I', 'size': 'is (7, 9)', 'missing': 'missing'}[bad]
+    code, _, err = run_cli('mine', '--classifier', chain['t']/'classifier', '--out', tmp_path/'m', '--max-steps', 1,
+                           '--saliency', sal, '--quiet')
+    assert code == 2 and needle in err and 'Traceback' not in err, err
+    assert not (tmp_path/'m').exists() or not any((tmp_path/'m').iterdir())
 
 def test_fixed_step_erasing_on_voc(chain):
     d = chain['t']/'erasing'
