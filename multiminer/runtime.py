@@ -418,10 +418,24 @@ def _remove_empty(folders):
     for a in folders:
         with contextlib.suppress(OSError): a.rmdir()
 
-def _holder(lock) -> dict:
-    "The record in a lock file ({} when it is gone or damaged)."
-    try: return json.loads(Path(lock).read_text())
-    except (OSError, ValueError): return {}
+def _holder(lock, inode=False):
+    "The record in a lock file ({} when it is gone or damaged); with `inode`, (record, the file's inode: None when it is gone)."
+    try:
+        with open(lock, 'rb') as f:
+            ino = os.fstat(f.fileno()).st_ino
+            try: rec = json.loads(f.read())
+            except ValueError: rec = {}
+    except OSError: rec, ino = {}, None
+    return (rec, ino) if inode else rec
+
+def _take_stale(p, ino):
+    "Remove the stale lock file `p` if it is still the file (inode `ino`) found stale. It is moved aside first, atomically: a lock another process linked in its place meanwhile is put back, not deleted."
+    grave = p.with_name(f"{p.name}.stale.{os.getpid()}")
+    try: os.rename(p, grave)
+    except FileNotFoundError: return
+    if os.stat(grave).st_ino != ino:
+        with contextlib.suppress(FileExistsError): os.link(grave, p)
+    grave.unlink(missing_ok=True)
 
 def _check_enclosing(folder, out):
     "Refuse an `--out` inside a folder that another live process holds the lock of (a demo writes all of its folder)."
@@ -443,15 +457,15 @@ def out_lock(out, command:str):
         _check_enclosing(absolute_path(out), out)
         try: tmp.write_text(json.dumps(me))
         except OSError as e: raise OSError(e.errno, e.strerror, str(tmp)) from None     # ENOSPC names no file by itself
-        for _ in range(3):
+        for _ in range(5):
             try: os.link(tmp, p); break
             except FileExistsError:
-                holder = _holder(p)
+                holder, ino = _holder(p, inode=True)
                 if _alive(holder):
                     raise UserError(f"--out {out} is being written by process {holder.get('pid')} on {holder.get('host')} "
                                     f"(`multiminer {holder.get('command')}`, started {holder.get('started')}): one folder "
                                     f"holds one run; wait until it ends, or choose another --out (its lock is {p})") from None
-                p.unlink(missing_ok=True)       # stale: its process is gone
+                if ino is not None: _take_stale(p, ino)       # stale: its process is gone
         else: raise UserError(f"--out {out}: could not take its lock {p}; try again")
     except BaseException:
         tmp.unlink(missing_ok=True); _remove_empty(made); raise

@@ -42,6 +42,18 @@ def test_a_damaged_lock_is_stale(tmp_path, content):
     ok('train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'o')
     assert not lock_path(tmp_path/'o').exists() and read_run(tmp_path/'o')['finished']
 
+def test_taking_over_a_stale_lock_never_removes_a_fresh_one(tmp_path):
+    "Two processes find the same stale lock; the first takes it over and links its own. The second's takeover must not delete that one."
+    from multiminer.runtime import _holder, _take_stale
+    p = lock_path(tmp_path/'o'); p.write_text(_record(pid=2 ** 22 + 12345))
+    stale, ino = _holder(p, inode=True)
+    fresh = tmp_path/'fresh'; fresh.write_text(_record(command='fresh'))   # written while the stale one is there, as out_lock does
+    p.unlink(); os.link(fresh, p); fresh.unlink()                # the first process's own lock, now in its place
+    _take_stale(p, ino)                                           # the second process, late
+    assert _holder(p)['command'] == 'fresh' and [q.name for q in tmp_path.iterdir()] == [p.name]
+    _take_stale(p, _holder(p, inode=True)[1])                     # the file it read is the one there: removed
+    assert not p.exists()
+
 def test_a_lock_that_is_a_folder_is_named(tmp_path):
     lock_path(tmp_path/'o').mkdir()
     refused([lock_path(tmp_path/'o')], 'train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'o')
