@@ -314,7 +314,7 @@ def erasing_result(er, labels, steps:int, region_threshold:float) -> MiningResul
 
 # %% ../nbs/08a_pipeline.ipynb #86f37358
 def cached_feature_bank(clf, images, cfg, cache_dir, key, device, progress):
-    "A FeatureBank with every scale extracted now; cached scales are reused only when their marker matches `key`. Scales whose features (held in memory without a `cache_dir`) and resized batches need more memory than the machine has are refused first."
+    "A FeatureBank with every scale extracted now; cached scales are reused only when their marker matches `key` and the file is the one it was written for (size, modification time). Scales whose features (held in memory without a `cache_dir`) and resized batches need more memory than the machine has are refused first."
     bank = FeatureBank(clf.extractor, images, cfg.scales, half=cfg.half_features, device=device,
                        cache_dir=cache_dir, progress=progress)
     held = feature_bytes(len(images), clf.extractor.out_channels, cfg.scales, clf.extractor.stride, cfg.half_features)
@@ -327,7 +327,7 @@ def cached_feature_bank(clf, images, cfg, cache_dir, key, device, progress):
         if cache_dir is not None:
             npy, done = Path(cache_dir)/f'features_{s}.npy', Path(cache_dir)/f'features_{s}.json'
             want = dict(key, size=s, half=cfg.half_features)
-            stale = npy.exists() and not (done.is_file() and json.loads(done.read_text()) == want)
+            stale = npy.exists() and _marker(done) != dict(want, file=_file_stamp(npy))   # written since, or a damaged marker
             barrier()                    # under torchrun: every rank has looked before rank 0 deletes
             if stale and is_main(): npy.unlink(); done.unlink(missing_ok=True)
             barrier()
@@ -340,9 +340,19 @@ def cached_feature_bank(clf, images, cfg, cache_dir, key, device, progress):
             if tuple(f.shape[:2]) != shape or f.ndim != 4 or f.dtype != half:
                 raise UserError(f"{npy} holds features of shape {tuple(f.shape)} ({f.dtype}), not {shape} + (h, w) ({half}) "
                                f"for these images and this classifier: delete it, or run `multiminer mine --force`")
-            write_json(done, want)
+            write_json(done, dict(want, file=_file_stamp(npy)))
         else: bank[s]
     return bank
+
+def _marker(path):
+    "The JSON record at `path`; None when there is none, or it is damaged (it then vouches for nothing)."
+    try: return json.loads(Path(path).read_text())
+    except (OSError, ValueError): return None
+
+def _file_stamp(path) -> dict:
+    "Size and modification time of a file: a features file written to since its marker was, by hand or by another program, no longer matches."
+    st = Path(path).stat()
+    return dict(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
 
 # %% ../nbs/08a_pipeline.ipynb #9e18ad2f
 def mining_inputs(ds, voc:bool, progress=True) -> tuple:
