@@ -7,7 +7,7 @@ __all__ = ['CHECKPOINT_NAME', 'ClassifierConfig', 'Classifier', 'build_classifie
            'load_classifier', 'train_classifier', 'freeze', 'compute_cams', 'evaluate_classifier']
 
 # %% ../nbs/03_classifier.ipynb #6fff7033
-import time, warnings
+import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Optional
