@@ -418,6 +418,7 @@ def _remove_empty(folders):
     for a in folders:
         with contextlib.suppress(OSError): a.rmdir()
 
+# %% ../nbs/00a_runtime.ipynb #07a380e2
 def _holder(lock, inode=False):
     "The record in a lock file ({} when it is gone or damaged); with `inode`, (record, the file's inode: None when it is gone)."
     try:
@@ -447,6 +448,7 @@ def _check_enclosing(folder, out):
                             f"{h.get('started')}) is writing: one folder holds one run; wait until it ends, or choose "
                             f"an --out outside it")
 
+# %% ../nbs/00a_runtime.ipynb #235277e2
 @contextlib.contextmanager
 def out_lock(out, command:str):
     "Hold the advisory lock of the output folder `out` while the block runs; a live holder is a `UserError` naming it, a stale lock is taken over. Folders made for the lock are removed with it while they are empty."
