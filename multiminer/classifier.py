@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from .runtime import (ShardedBatchSampler, all_sum, barrier, ddp, global_batch_layers, global_mean, is_main,
-                                progress_bar, resume_from, save_checkpoint, say, shard, world_size)
+                                progress_bar, resume_from, save_checkpoint, say, shard, start_workers, world_size)
 from .models import SmallExtractor, ParallelModulator, load_checkpoint, vgg16_extractor
 
 # %% ../nbs/03_classifier.ipynb #47623e9a
@@ -177,8 +177,8 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
         dl = DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches), generator=g, num_workers=cfg.num_workers,
                         pin_memory=device.type == 'cuda')   # one process: what shuffle=True draws
         t0, tot_loss, n_img, n_right, n_exact = time.time(), 0., 0, 0, 0
-        for j, (images, labels, *_) in enumerate(progress_bar(dl, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
-                                                              leave=False, unit='batch')):
+        for j, (images, labels, *_) in enumerate(progress_bar(start_workers(dl), f'epoch {epoch + 1}/{cfg.epochs}', len(dl),
+                                                              disable=not progress, leave=False, unit='batch')):
             n_global = min(cfg.batch_size, n - j * cfg.batch_size)           # the whole batch, over all ranks
             x, y = _prepare(images, cfg, device, train=True, n_global=n_global), labels.to(device).float()
             if use_amp: x = x.contiguous(memory_format=torch.channels_last)

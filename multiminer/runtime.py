@@ -12,7 +12,7 @@ __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'FI
            'write_json', 'write_run', 'absolute_path', 'lock_path', 'out_lock', 'output_sha256', 'data_fingerprint',
            'show_value', 'differences', 'take_back', 'changed_outputs', 'require_upstream', 'check_same_data',
            'prepare_out', 'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'Terminated',
-           'terminate_as_interrupt', 'available_memory']
+           'terminate_as_interrupt', 'signals_deferred', 'start_workers', 'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
 import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, signal, socket, sys
@@ -726,6 +726,34 @@ def terminate_as_interrupt():
     previous = signal.signal(signal.SIGTERM, _raise)
     try: yield
     finally: signal.signal(signal.SIGTERM, previous)
+
+# %% ../nbs/00a_runtime.ipynb #347e9746
+_DEFERRED = {}    # while `signals_deferred` runs: the handlers it replaced
+
+def _restore_handlers():
+    "In a process forked while signals are deferred: the handlers from before, so that it can be stopped as usual."
+    for s, handler in _DEFERRED.items(): signal.signal(s, handler)
+    _DEFERRED.clear()
+
+os.register_at_fork(after_in_child=_restore_handlers)
+
+@contextlib.contextmanager
+def signals_deferred():
+    "While the block runs, Ctrl-C and SIGTERM are only noted; afterwards the first one noted goes to the handler that was there before. Signals that are ignored stay ignored; processes forked meanwhile get the usual handlers; only the main thread receives signals, so elsewhere it changes nothing."
+    if threading.current_thread() is not threading.main_thread() or _DEFERRED:
+        yield; return
+    noted = []
+    def _note(signum, frame): noted.append(signum)
+    _DEFERRED.update({s: signal.signal(s, _note) for s in (signal.SIGINT, signal.SIGTERM)
+                      if signal.getsignal(s) not in (signal.SIG_IGN, None)})
+    try: yield
+    finally:
+        _restore_handlers()
+        if noted: signal.raise_signal(noted[0])
+
+def start_workers(loader):
+    "`iter(loader)`, its worker processes started with signals deferred (a Ctrl-C during their fork would be lost)."
+    with signals_deferred(): return iter(loader)
 
 # %% ../nbs/00a_runtime.ipynb #f65079bc
 def available_memory() -> int:

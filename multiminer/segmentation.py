@@ -22,7 +22,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import SmallExtractor, count_parameters, imagenet_state_dict, load_checkpoint
 from .runtime import (ShardedBatchSampler, all_sum, atomic_path, atomic_save, barrier, ddp, global_batch_layers,
                                 global_mean, is_main, kept_rng, ordered_map, progress_bar, resume_from, save_checkpoint, say,
-                                tensors_sha256, world_size)
+                                start_workers, tensors_sha256, world_size)
 from .metrics import confusion_matrix, miou
 from .pseudo import dense_crf
 
@@ -338,7 +338,7 @@ def _seg_epoch(net, opt, scaler, pairs, cfg, epoch, bs, total, device, use_amp, 
     loader = torch.utils.data.DataLoader(_Augmented(pairs, cfg, epoch), batch_sampler=batches,
                                          num_workers=cfg.num_workers, generator=g, pin_memory=device.type == 'cuda')
     run_loss = 0.
-    for j, (x, y) in enumerate(progress_bar(loader, f'epoch {epoch + 1}/{cfg.epochs}', disable=not progress,
+    for j, (x, y) in enumerate(progress_bar(start_workers(loader), f'epoch {epoch + 1}/{cfg.epochs}', len(loader), disable=not progress,
                                             leave=False, unit='batch')):
         it = epoch * per_epoch + j
         for grp in opt.param_groups: grp['lr'] = poly_lr(cfg.lr, it, total, cfg.poly_power) * grp['lr_mult']

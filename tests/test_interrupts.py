@@ -183,3 +183,41 @@ def test_an_interrupted_force_resumes_only_with_its_own_settings(tmp_path):
         assert code == 2 and 'config.seed: 1 then, 0 now' in err
         assert run_cli('demo', '--out', out, '--seed', 1, '--resume', *args)[0] == 0
     assert json.loads((out/'metrics.json').read_text())['seed'] == 1 and json.loads((out/'run.json').read_text())['finished']
+
+
+_AT_FORK = """import signal, sys, traceback, os
+armed = [True]
+def _at_fork():      # a Ctrl-C just as the parent has forked a worker, where Python's fork handlers run
+    if armed and {where!r} in ''.join(traceback.format_stack()): armed.clear(); signal.raise_signal(signal.SIGINT)
+os.register_at_fork(after_in_parent=_at_fork)
+from multiminer.__main__ import launch
+sys.exit(launch(sys.argv[1:]))"""
+
+@pytest.fixture(scope='module')
+def pseudo(tmp_path_factory):
+    t = tmp_path_factory.mktemp('fork_pseudo')
+    ok('train-classifier', *SHAPES, '--epochs', 2, '--out', t/'c')
+    ok('mine', '--classifier', t/'c', '--out', t/'m', '--max-steps', 2)
+    ok('pseudo-labels', '--mining', t/'m', '--out', t/'p')
+    return t/'p'
+
+@pytest.mark.parametrize('stage', ['train-classifier', 'train-seg'])
+def test_a_ctrl_c_while_workers_are_forked_is_not_lost(tmp_path, stage, pseudo):
+    """A Ctrl-C that lands while a DataLoader forks its workers reached one of Python's fork handlers, which printed
+    it and dropped it: the run went on. Deferred until the workers are started, it stops the run."""
+    args = {'train-classifier': (*SHAPES, '--epochs', 3), 'train-seg': ('--pseudo', pseudo, '--epochs', 2)}[stage]
+    p = subprocess.run([sys.executable, '-c', _AT_FORK.format(where='torch/utils/data'), stage, *map(str, args),
+                        '--workers', '1', '--out', str(tmp_path/'o')],
+                       capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)},
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), timeout=300)
+    assert p.returncode == 130 and 'Exception ignored' not in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    assert 'interrupted' in p.stderr.splitlines()[-1] and not lock_path(tmp_path/'o').exists()
+
+
+def test_processes_forked_while_signals_are_deferred_can_be_stopped():
+    "Workers forked while signals are deferred have the usual handlers: a pool's terminate (SIGTERM) ends them."
+    import multiprocessing as mp
+    from multiminer.runtime import signals_deferred
+    with signals_deferred(): pool = mp.get_context('fork').Pool(1)
+    try: assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally: pool.terminate()                  # it waited forever for a worker that only noted the SIGTERM
