@@ -406,6 +406,7 @@ def cmd_mine(args, argv=()):
     r = _on_classifier(args, 'mine', config, resume=args.resume)
     out, spec, preset, seed, input_size, cfg, ds, fp, now = r.out, r.spec, r.preset, r.seed, r.input_size, r.cfg, r.ds, r.fp, r.now
     flags = dict(by_steps=args.by_steps, snapshots=args.snapshots)
+    if args.saliency: now['inputs']['saliency'] = dict(folder=absolute_path(args.saliency), files={'*.png': tree_sha256(args.saliency)})
     if r.state != 'new':
         check_resume(out, dict(now, input_size=input_size), ignore=('max_steps',))
         check_fig6_flags(out, flags)

@@ -331,3 +331,55 @@ def test_evaluate_on_a_full_disk_leaves_the_new_folder_as_found(clf, tmp_path, m
     monkeypatch.setattr(pipeline, 'write_run', real)
     ok('evaluate', '--seg', s, '--out', tmp_path/'e', '--n-val', 8)       # space again: the same command runs
     assert read_run(tmp_path/'e')['finished']
+
+
+# --- a refused --force leaves the old run ----------------------------------------------------------------
+
+def _listing(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(Path(folder).rglob('*'))}
+
+@pytest.mark.parametrize('case', ['mine-saliency', 'mine-seed', 'classifier-weights'])
+def test_a_refused_force_leaves_the_old_run(tmp_path, clf, case):
+    "`--force` empties the folder only once every check has passed: a command refused before its run starts deletes nothing."
+    src = clf/('c' if case.startswith('classifier') else 'm')
+    shutil.copytree(src, tmp_path/'o'); before = _listing(tmp_path/'o')
+    args = {'mine-saliency': ('mine', '--classifier', clf/'c', '--saliency', tmp_path/'none'),
+            'mine-seed': ('mine', '--classifier', clf/'c', '--seed', 5),
+            'classifier-weights': ('train-classifier', *SYN, '--epochs', 1, '--weights', tmp_path/'x.pth')}[case]
+    refused([], *args, '--out', tmp_path/'o', '--force')
+    assert _listing(tmp_path/'o') == before
+    from multiminer.runtime import REPLACED
+    assert not REPLACED
+
+
+def _saliency(folder, n, cols):
+    folder.mkdir()
+    for i in range(n):
+        a = np.zeros((32, 32), np.uint8); a[:, :cols] = 255; Image.fromarray(a).save(folder/f'{i:06d}.png')
+
+def test_mine_resumes_only_with_the_saliency_it_started_with(tmp_path, clf):
+    "The saliency maps are one of mine's inputs: other maps, or the same folder edited, are refused on --resume."
+    _saliency(tmp_path/'sa', 16, 32); _saliency(tmp_path/'sb', 16, 16)
+    ok('mine', '--classifier', clf/'c', '--out', tmp_path/'m', '--saliency', tmp_path/'sa', '--max-steps', 1)
+    refused(['inputs.saliency'], 'mine', '--classifier', clf/'c', '--out', tmp_path/'m', '--saliency', tmp_path/'sb',
+            '--max-steps', 3, '--resume')
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path/'sa'/'000003.png')        # the same folder, edited
+    refused(['inputs.saliency'], 'mine', '--classifier', clf/'c', '--out', tmp_path/'m', '--saliency', tmp_path/'sa',
+            '--max-steps', 3, '--resume')
+    assert read_run(tmp_path/'m')['finished'] is True
+
+
+def test_an_input_replaced_while_a_stage_reads_it_is_named(tmp_path, clf):
+    "pseudo-labels --force while train-seg reads that folder: train-seg ends with exit 2 and is not marked finished."
+    ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    real = cli.train_segmentation
+    def train_then_replace(*a, **kw):
+        net = real(*a, **kw)
+        ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p', '--force', '--bg-threshold', 0.05)
+        return net
+    with mock.patch.object(cli, 'train_segmentation', train_then_replace):
+        refused([f"--pseudo {tmp_path/'p'/'pseudo_masks.pt'} changed while `multiminer train-seg` ran"],
+                'train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1)
+    assert read_run(tmp_path/'s')['finished'] is False
+    refused(['--force'], 'train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1, '--resume')
+    ok('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1, '--force')
