@@ -383,3 +383,54 @@ def test_an_input_replaced_while_a_stage_reads_it_is_named(tmp_path, clf):
     assert read_run(tmp_path/'s')['finished'] is False
     refused(['--force'], 'train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1, '--resume')
     ok('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1, '--force')
+
+
+def test_no_run_inside_a_stage_folder(tmp_path, clf):
+    "A stage's folder holds only what that stage writes: no run inside it, and --force never deletes one found there."
+    ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    refused([f"inside {tmp_path/'p'}", '`multiminer pseudo-labels` run'], 'mine', '--classifier', clf/'c',
+            '--out', tmp_path/'p'/'sub'/'m')
+    (tmp_path/'m2').mkdir(); shutil.copytree(clf/'m', tmp_path/'m2'/'m')
+    (tmp_path/'m2'/'m'/'features'/'ev').mkdir(parents=True)        # a run someone put into an owned subfolder
+    (tmp_path/'m2'/'m'/'features'/'ev'/'run.json').write_text('{"stage": "evaluate"}')
+    refused(['--force would delete'], 'mine', '--classifier', clf/'c', '--out', tmp_path/'m2'/'m', '--force')
+    assert (tmp_path/'m2'/'m'/'features'/'ev'/'run.json').is_file() and (tmp_path/'m2'/'m'/'mining_result.pt').is_file()
+
+
+@pytest.mark.parametrize('command', ['demo', 'mine'])
+def test_a_failed_resume_on_a_full_disk_keeps_a_finished_run_finished(tmp_path, clf, command):
+    """--resume of a finished run fails on a full disk before its result changes: the run stays finished, although no
+    run.json can be written any more (the finished one was kept under a second name, and a rename needs no space)."""
+    import multiminer.runtime as rt
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path/'o'/'x'))
+    def fake_demo(out, **kw):
+        (Path(out)/'metrics.json').write_text('{"pseudo_miou": {}}'); return dict(pseudo_miou={})
+    real_json, calls = rt.write_json, []
+    def write_json(path, obj):                   # the first write (finished: false) fits; the disk is full after it
+        calls.append(path)
+        if len(calls) > 1: raise full
+        real_json(path, obj)
+    if command == 'demo':
+        args = ('demo', '--out', tmp_path/'o', '--n-images', 16, '--image-size', 32, '--no-crf', '--no-segmentation')
+        with mock.patch.object(cli, 'run_demo', fake_demo): ok(*args)
+        fail = mock.patch.object(cli, 'run_demo', side_effect=full)
+    else:
+        shutil.copytree(clf/'m', tmp_path/'o')
+        args = ('mine', '--classifier', clf/'c', '--out', tmp_path/'o', '--max-steps', 5)
+        fail = mock.patch.object(cli, 'mining_bar', side_effect=full)
+    before = (tmp_path/'o'/'run.json').read_bytes()
+    with fail, mock.patch.object(rt, 'write_json', write_json):
+        refused(['No space left'], *args, '--resume')
+    assert (tmp_path/'o'/'run.json').read_bytes() == before and not (tmp_path/'o'/rt.KEPT_RUN).exists()
+
+
+def test_the_voc_fingerprint_sees_an_edit_anywhere_in_a_file(tmp_path):
+    "Real VOC pictures are often over 128 KiB: a same-size edit in the middle of one changes the data's fingerprint."
+    from multiminer.data import voc_dataset
+    from multiminer.runtime import data_fingerprint
+    make_voc_fixture(tmp_path)
+    ds = voc_dataset(tmp_path, 'val')
+    img = Path(ds.image_paths[0]); img.write_bytes(img.read_bytes() + bytes(300_000))     # a JPEG with trailing bytes
+    fp = data_fingerprint(dict(kind='voc'), ds)
+    b = bytearray(img.read_bytes()); b[150_000] ^= 0xFF; img.write_bytes(bytes(b))
+    assert data_fingerprint(dict(kind='voc'), ds) != fp
