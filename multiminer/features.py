@@ -6,7 +6,7 @@
 __all__ = ['resize_images', 'extract_features', 'FeatureBank', 'feature_bytes']
 
 # %% ../nbs/04_features.ipynb #cf2c4c2a
-import contextlib, math
+import contextlib, errno, math, os
 from pathlib import Path
 import numpy as np
 import torch
@@ -58,6 +58,25 @@ def extract_features(extractor:nn.Module, # frozen feature extractor with `.out_
     local = _extract(extractor, part, size, batch_size, half, device, None, progress and is_main())
     return gather_rows(local, n) if out_path is None else _write_rows(local, n, out_path)
 
+# %% ../nbs/04_features.ipynb #a7e3c0d1
+def _reserve(path):
+    "Allocate every block of the file at `path` on disk now (its size stays as it is); a file system that cannot reserve space (no `posix_fallocate`) is left as it was."
+    if not hasattr(os, 'posix_fallocate'): return
+    fd = os.open(path, os.O_RDWR)
+    try: os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL): raise
+    finally: os.close(fd)
+
+def _reserved_memmap(partial, dtype, shape, name):
+    "`np.lib.format.open_memmap(partial, 'w+')` with the file's whole size reserved before anything is written into the map; no room on the disk is an `OSError` naming `name` (a sparse file would instead end the process with SIGBUS at the first page that finds none)."
+    try:
+        mm = np.lib.format.open_memmap(str(partial), mode='w+', dtype=dtype, shape=shape)
+        try: _reserve(partial)
+        except OSError: del mm; raise
+    except OSError as e: raise OSError(e.errno, e.strerror or str(e), str(name)) from None
+    return mm
+
 # %% ../nbs/04_features.ipynb #bef5e18d
 @torch.no_grad()
 def _extract(extractor, images, size, batch_size, half, device, out_path, progress):
@@ -76,7 +95,7 @@ def _extract(extractor, images, size, batch_size, half, device, out_path, progre
                 if out_path is None: out = torch.empty(shape, dtype=dtype)
                 else:   # written under a temporary name, renamed only once complete: an interrupted run leaves no half file
                     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-                    mm = np.lib.format.open_memmap(str(partial), mode='w+', dtype=np.float16 if half else np.float32, shape=shape)
+                    mm = _reserved_memmap(partial, np.float16 if half else np.float32, shape, out_path)
                     out = torch.from_numpy(mm)
             out[done:done+len(fb)] = fb
             done += len(fb)
@@ -93,7 +112,7 @@ def _write_rows(local, n, out_path):
     with atomic_path(out_path, '.partial', rename=is_main()) as partial:
         if is_main():
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(str(partial), mode='w+', dtype=local.numpy().dtype, shape=(n,) + tuple(local.shape[1:])).flush()
+            _reserved_memmap(partial, local.numpy().dtype, (n,) + tuple(local.shape[1:]), out_path).flush()
         barrier()
         mm = np.load(partial, mmap_mode='r+'); mm[rank()::world_size()] = local.numpy(); mm.flush(); del mm
         barrier()
