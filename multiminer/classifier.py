@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from .runtime import (ShardedBatchSampler, all_sum, barrier, ddp, global_batch_layers, global_mean, is_main,
-                                progress_bar, resume_from, save_checkpoint, say, shard, start_workers, world_size)
+                                diverged, non_finite, progress_bar, resume_from, save_checkpoint, say, shard, start_workers, world_size)
 from .models import SmallExtractor, ParallelModulator, load_checkpoint, vgg16_extractor
 
 # %% ../nbs/03_classifier.ipynb #47623e9a
@@ -199,6 +199,7 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
         if progress:
             print(f"epoch {h['epoch']:>3}/{cfg.epochs}  loss {h['loss']:.4f}  label-acc {h['label_acc']:.3f}  "
                   f"exact {h['exact_acc']:.3f}  lr {' '.join(f'{l:.0e}' for l in lrs)}  {h['seconds']:.1f}s")
+        if (bad := non_finite(clf)) is not None: raise diverged(epoch + 1, bad, h['loss'])
         if ckpt is not None:
             save_checkpoint(ckpt, epoch + 1, clf.history, asdict(cfg), clf, opt, sched, scaler, n_classes=n_classes,
                             made_from=made_from)

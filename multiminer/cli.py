@@ -603,6 +603,7 @@ def cmd_evaluate(args, argv=()):
     out = Path(args.out)
     result_file = prepare_evaluation(out, seg, hashes, args.split, args.force)
     spec, preset, seed, input_size = resolve_data(args, up)
+    if (spec['kind'], (up.get('data') or {}).get('kind')) != ('voc', 'voc'): check_same_data(up, spec, data_fingerprint(spec), '--seg', seg)
     ds, images, masks, class_names = _eval_data(args, spec)
     model = load_stage_network(seg, 'model.pt', 'train-seg', load_segmentation_model, args.device)
     if model.n_classes != len(class_names):
@@ -670,7 +671,7 @@ def _message(e):
 
 # %% ../nbs/11_cli.ipynb #76d1fcb5
 def main(argv=None):
-    "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2 (130 on Ctrl-C, 143 on SIGTERM)."
+    "Entry point of the `multiminer` command; `argv` defaults to sys.argv[1:]. Returns 0, or exits with code 2 (130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP)."
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     NEW_OUTS.clear(); EXTENDED_OUTS.clear()
@@ -682,7 +683,7 @@ def main(argv=None):
     except BaseException as e:
         take_back()
         if isinstance(e, KeyboardInterrupt):
-            print(f"multiminer {args.command}: {interrupted_message(args.command, getattr(args, 'out', None))}", file=sys.stderr); raise SystemExit(143 if isinstance(e, Terminated) else 130)
+            print(f"multiminer {args.command}: {interrupted_message(args.command, getattr(args, 'out', None))}", file=sys.stderr); raise SystemExit(128 + e.signum if isinstance(e, Terminated) else 130)
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
             print(f"multiminer {args.command}: error: {os_error_message(e)}", file=sys.stderr); raise SystemExit(2)
         if not isinstance(e, Exception) or not _user_error(e): raise

@@ -31,7 +31,7 @@ from .pseudo import (pseudo_masks, crf_refine, SALIENCY_BG, check_saliency_folde
                               load_saliency)
 from .runtime import (RUN_FILE, UserError, absolute_path, atomic_path, atomic_save, available_memory, barrier, data_fingerprint,
                                 file_sha256, is_main, kept_rng, ordered_map, progress_bar, read_run, resume_from, say,
-                                differences, prepare_out, show_value, tree_sha256, write_json, write_run)
+                                differences, non_finite, prepare_out, show_value, tree_sha256, write_json, write_run)
 from .segmentation import (build_segmentation_model, check_same_run, evaluate, iter_masks, predict, seg_optimizer,
                                      train_segmentation)
 
@@ -211,8 +211,7 @@ def reading_stage_file(path, made_by):
 # %% ../nbs/08a_pipeline.ipynb #67125dbb
 def check_finite(module, path, made_by):
     "Refuse a network whose weights hold nan or inf: nothing it computes would mean anything."
-    bad = next((k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad is not None:
+    if (bad := non_finite(module)) is not None:
         raise UserError(f"{path} holds non-finite weights (nan or inf in {bad}): its training diverged or the file was "
                        f"edited; run `multiminer {made_by}` again (with --force)")
 

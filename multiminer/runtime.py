@@ -8,12 +8,12 @@ __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'RE
            'init_distributed', 'barrier', 'shard', 'all_sum', 'broadcast_', 'global_mean', 'ShardedBatchSampler', 'ddp',
            'unwrap', 'GlobalBatchNorm2d', 'GlobalDropout2d', 'global_batch_layers', 'gather_rows', 'progress_bar',
            'say', 'ordered_map', 'atomic_path', 'atomic_save', 'rng_state', 'set_rng_state', 'kept_rng', 'file_sha256',
-           'tree_sha256', 'output_sha256', 'tensors_sha256', 'save_checkpoint', 'resume_from', 'UserError',
-           'check_device', 'read_run', 'write_json', 'absolute_path', 'keep_finished', 'put_back', 'inputs_changed',
-           'write_run', 'lock_path', 'out_lock', 'data_fingerprint', 'show_value', 'differences', 'take_back',
-           'changed_outputs', 'require_upstream', 'check_same_data', 'prepare_out', 'check_resume', 'experiment_run',
-           'interrupted_message', 'os_error_message', 'Terminated', 'terminate_as_interrupt', 'signals_deferred',
-           'start_workers', 'available_memory']
+           'tree_sha256', 'output_sha256', 'tensors_sha256', 'non_finite', 'save_checkpoint', 'resume_from',
+           'UserError', 'check_device', 'diverged', 'read_run', 'write_json', 'absolute_path', 'keep_finished',
+           'put_back', 'inputs_changed', 'write_run', 'lock_path', 'out_lock', 'data_fingerprint', 'show_value',
+           'differences', 'take_back', 'changed_outputs', 'require_upstream', 'check_same_data', 'prepare_out',
+           'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'Terminated',
+           'terminate_as_interrupt', 'signals_deferred', 'start_workers', 'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
 import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, signal, socket, sys
@@ -210,9 +210,11 @@ def atomic_path(path, suffix:str='.tmp', rename:bool=True):
     path = Path(path)
     tmp = path.with_name(path.name + suffix)
     try: yield tmp
-    except BaseException:
+    except BaseException as e:
         if tmp.is_file() or tmp.is_symlink(): tmp.unlink()
         elif tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not e.filename:      # a failed write or close names no file: this one
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
     if rename: os.replace(tmp, path)
 
@@ -278,6 +280,11 @@ def tensors_sha256(*tensors) -> str:
         h.update(f"{tuple(t.shape)} {t.dtype}".encode()); h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/00a_runtime.ipynb #35c0f1e5
+def non_finite(module:nn.Module):
+    "The name of the first floating-point tensor in `module`'s state that holds nan or inf; None when all are finite."
+    return next((k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
 # %% ../nbs/00a_runtime.ipynb #392c0d1d
 def save_checkpoint(path, epoch:int, history:list, config:dict, model, optimizer, scheduler=None, scaler=None, **extra):
     "Write (main process only, atomically) what training needs to go on after `epoch`: the states of `model`, `optimizer`, `scheduler` and `scaler`, the random generators, `history`, `config` and `extra`."
@@ -311,6 +318,13 @@ def check_device(device:str):
     "Refuse, before any work, a CUDA device on a machine without CUDA (a `UserError`)."
     if str(device).startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
+
+# %% ../nbs/00a_runtime.ipynb #fd4ef22f
+def diverged(epoch:int, bad:str, loss) -> UserError:
+    "The error that ends a training whose weights stopped being finite in `epoch` (`bad` names the first such tensor)."
+    return UserError(f"training diverged in epoch {epoch}: the weights hold nan or inf ({bad}; loss {loss}); the checkpoint "
+                     f"of the epoch before is kept, but resuming would diverge again: check --weights (non-finite weights "
+                     f"never train), or start afresh with --force and other settings")
 
 # %% ../nbs/00a_runtime.ipynb #3e0219da
 RUN_MAX_BYTES = 16 << 20     # a run.json holds settings and hashes: a few kB; a larger one is not one multiminer wrote
@@ -575,8 +589,10 @@ def take_back():
     while NEW_OUTS:
         out = NEW_OUTS.pop()
         if not is_main(): continue
-        if out.is_dir() and [p.name for p in out.iterdir()] == [RUN_FILE] and read_run(out).get('finished') is False:
-            (out/RUN_FILE).unlink(); out.rmdir()
+        names = [p.name for p in out.iterdir()] if out.is_dir() else None
+        if names == [RUN_FILE] and read_run(out).get('finished') is False: (out/RUN_FILE).unlink(); names = []
+        if names == []:
+            with contextlib.suppress(OSError): out.rmdir()      # a mount point stays
     while EXTENDED_OUTS:
         out, rec = EXTENDED_OUTS.pop()
         if not is_main(): continue
@@ -759,17 +775,20 @@ def os_error_message(e:OSError) -> str:
 
 # %% ../nbs/00a_runtime.ipynb #8d08b52f
 class Terminated(KeyboardInterrupt):
-    "SIGTERM, raised where the program is, so that it ends as a Ctrl-C does."
+    "SIGTERM (or SIGHUP), raised where the program is, so that it ends as a Ctrl-C does; `signum` is the signal."
+    def __init__(self, signum=signal.SIGTERM): super().__init__(); self.signum = signum
 
 @contextlib.contextmanager
 def terminate_as_interrupt():
-    "While the block runs, SIGTERM raises `Terminated`; the previous handler is back afterwards. Only the main thread receives signals, so elsewhere it changes nothing."
+    "While the block runs, SIGTERM, and SIGHUP (its terminal closed) where it is not ignored, raise `Terminated`; the previous handlers are back afterwards. Only the main thread receives signals, so elsewhere it changes nothing."
     if threading.current_thread() is not threading.main_thread():
         yield; return
-    def _raise(signum, frame): raise Terminated()
-    previous = signal.signal(signal.SIGTERM, _raise)
+    def _raise(signum, frame): raise Terminated(signum)
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else [])
+    previous = {s: signal.signal(s, _raise) for s in sigs}
     try: yield
-    finally: signal.signal(signal.SIGTERM, previous)
+    finally:
+        for s, handler in previous.items(): signal.signal(s, handler)
 
 # %% ../nbs/00a_runtime.ipynb #347e9746
 _DEFERRED = {}    # while `signals_deferred` runs: the handlers it replaced

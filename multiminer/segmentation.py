@@ -21,8 +21,8 @@ from torch import nn
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import SmallExtractor, count_parameters, imagenet_state_dict, load_checkpoint
 from .runtime import (ShardedBatchSampler, all_sum, atomic_path, atomic_save, barrier, ddp, global_batch_layers,
-                                global_mean, is_main, kept_rng, ordered_map, progress_bar, resume_from, save_checkpoint, say,
-                                start_workers, tensors_sha256, world_size)
+                                global_mean, is_main, kept_rng, diverged, non_finite, ordered_map, progress_bar, resume_from,
+                                save_checkpoint, say, start_workers, tensors_sha256, world_size)
 from .metrics import confusion_matrix, miou
 from .pseudo import dense_crf
 
@@ -398,6 +398,7 @@ def train_segmentation(cfg: SegConfig, images, masks=None, device='cpu', out_dir
                         seconds=round(time.time() - t0, 2))
             history.append(info)
             if progress: print(f"epoch {epoch + 1}/{cfg.epochs}  loss {info['loss']:.4f}  ({info['seconds']:.1f} s)")
+            if (bad := non_finite(model)) is not None: raise diverged(epoch + 1, bad, info['loss'])
             if out_dir is not None:
                 save_checkpoint(ckpt_path, epoch + 1, history, cfg.to_dict(), model, opt, scaler=scaler,
                                 iteration=info['iteration'], data=data, made_from=made_from)

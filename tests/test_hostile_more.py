@@ -434,3 +434,24 @@ def test_the_voc_fingerprint_sees_an_edit_anywhere_in_a_file(tmp_path):
     fp = data_fingerprint(dict(kind='voc'), ds)
     b = bytearray(img.read_bytes()); b[150_000] ^= 0xFF; img.write_bytes(bytes(b))
     assert data_fingerprint(dict(kind='voc'), ds) != fp
+
+
+def test_evaluate_refuses_other_synthetic_data_than_the_networks(tmp_path, clf):
+    "Synthetic images are known by their spec: a network is evaluated on its own data set's images, not on another's."
+    ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    ok('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1)
+    for other in (['--data', 'synthetic'], ['--image-size', 64], ['--seed', 9]):
+        refused(['not the images --seg'], 'evaluate', '--seg', tmp_path/'s', '--out', tmp_path/'e', '--split', 'train', *other)
+    ok('evaluate', '--seg', tmp_path/'s', '--out', tmp_path/'e', '--split', 'train')
+
+
+def test_a_disk_full_at_the_first_record_names_the_file_and_leaves_no_folder(tmp_path):
+    "ENOSPC from a write (no file name in it) is reported with the file it was writing; the new folder is taken back."
+    import multiminer.runtime as rt
+    real = Path.write_text
+    def full(self, *a, **kw):
+        if self.name.startswith(rt.RUN_FILE): raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **kw)
+    with mock.patch.object(Path, 'write_text', full):
+        refused([f"cannot write {tmp_path/'o'/'run.json'}: No space left"], 'train-classifier', *SYN, '--out', tmp_path/'o')
+    assert not (tmp_path/'o').exists()

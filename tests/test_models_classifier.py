@@ -172,3 +172,21 @@ def test_checkpoint_is_plain(tmp_path):
     train_classifier(tiny_cfg(epochs=1), Toy(), progress=False, out_dir=tmp_path)
     ck = torch.load(tmp_path/'classifier.pt', weights_only=True)
     assert isinstance(ck['config'], dict) and ck['config']['small_stride'] == 8 and ck['epoch'] == 1
+
+
+class GoesBad(Toy):
+    "Its images turn to nan in the second epoch: the weights do too, after the first step."
+    calls = 0
+    def __getitem__(self, i):
+        GoesBad.calls += 1
+        img, y, m = super().__getitem__(i)
+        return (img * float('nan') if GoesBad.calls > len(self) else img), y, m
+
+
+def test_a_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    "Weights that stop being finite end the training with a UserError naming the epoch; the checkpoint before it stays."
+    from multiminer.runtime import UserError
+    with pytest.raises(UserError, match='training diverged in epoch 2'):
+        train_classifier(tiny_cfg(epochs=3), GoesBad(), progress=False, out_dir=tmp_path)
+    ck = torch.load(tmp_path/'classifier.pt', weights_only=True)
+    assert ck['epoch'] == 1 and all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())

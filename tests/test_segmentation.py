@@ -216,3 +216,12 @@ def test_checkpoints_are_plain(tmp_path):
     train_segmentation(SegConfig(**{**cfg.to_dict(), 'epochs': 1}), x, y, out_dir=tmp_path, progress=False)
     for name in ('checkpoint.pt', 'model.pt'):
         assert isinstance(torch.load(tmp_path/name, weights_only=True)['config'], dict)
+
+
+def test_a_diverged_training_stops_before_its_checkpoint(tmp_path):
+    "Images of nan make the weights nan in the first epoch: a UserError names it, and no checkpoint or model is written."
+    from multiminer.runtime import UserError
+    cfg, x, y = _tiny()
+    with pytest.raises(UserError, match='training diverged in epoch 1'):
+        train_segmentation(cfg, x * float('nan'), y, out_dir=tmp_path, progress=False)
+    assert not (tmp_path/'model.pt').exists() and not (tmp_path/'checkpoint.pt').exists()
