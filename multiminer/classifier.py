@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from .runtime import (ShardedBatchSampler, all_sum, barrier, ddp, global_batch_layers, global_mean, is_main,
-                                diverged, non_finite, progress_bar, resume_from, save_checkpoint, say, shard, start_workers, world_size)
+                                diverged, leave_signals_to_main, non_finite, progress_bar, resume_from, save_checkpoint, say, shard, start_workers, world_size)
 from .models import SmallExtractor, ParallelModulator, load_checkpoint, vgg16_extractor
 
 # %% ../nbs/03_classifier.ipynb #47623e9a
@@ -175,7 +175,7 @@ def train_classifier(cfg: ClassifierConfig, dataset: Dataset, device='cpu', prog
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         batches = BatchSampler(RandomSampler(dataset, generator=g), cfg.batch_size, drop_last=n > cfg.batch_size)  # no 1-image batch for BatchNorm
         dl = DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches), generator=g, num_workers=cfg.num_workers,
-                        pin_memory=device.type == 'cuda')   # one process: what shuffle=True draws
+                        pin_memory=device.type == 'cuda', worker_init_fn=leave_signals_to_main)   # one process: what shuffle=True draws
         t0, tot_loss, n_img, n_right, n_exact = time.time(), 0., 0, 0, 0
         for j, (images, labels, *_) in enumerate(progress_bar(start_workers(dl), f'epoch {epoch + 1}/{cfg.epochs}', len(dl),
                                                               disable=not progress, leave=False, unit='batch')):

@@ -16,7 +16,7 @@ from . import __version__
 from .runtime import (DATA_KINDS, NEW_OUTS, PRESETS, SEED_MAX, UserError, absolute_path, atomic_path, check_device,
                                 check_resume, check_same_data, data_fingerprint, EXTENDED_OUTS, file_sha256, init_distributed,
                                 interrupted_message, is_main, launched, os_error_message, out_lock, output_sha256, Terminated,
-                                prepare_out, experiment_run, require_upstream, say, take_back, terminate_as_interrupt, tree_sha256, write_json,
+                                prepare_out, experiment_run, require_upstream, say, take_back, terminate_as_interrupt, guarded_stdout, tree_sha256, write_json,
                                 write_run)
 from .data import VOCTestImages, PseudoMaskDataset, VOC_CLASSES, voc_transforms
 from .classifier import CHECKPOINT_NAME, ClassifierConfig, freeze, load_classifier, train_classifier
@@ -95,7 +95,7 @@ def _parents():
                    "refusing it")
     g.add_argument('--epochs', type=_int_at_least(1), metavar='N', help="training epochs")
     g.add_argument('--batch-size', type=_int_at_least(1), metavar='N', help="batch size")
-    g.add_argument('--workers', type=_int_at_least(0), metavar='N', help="data-loading processes (default: 4 for VOC, 0 otherwise)")
+    g.add_argument('--workers', type=_int_at_least(0, 64), metavar='N', help="data-loading processes, at most 64 (default: 4 for VOC, 0 otherwise)")
     g.add_argument('--weights', metavar='FILE', help="local torchvision ImageNet checkpoint (vgg16-397923af.pth, "
                    "resnet101-63fe2227.pth) instead of torch.hub's")
     quiet = argparse.ArgumentParser(add_help=False)
@@ -144,8 +144,8 @@ def _mining_commands(add, data, train, run):
             "modulator as a multi-label classifier.",
             "multiminer train-classifier --preset voc --voc-root DATA --out runs/voc/classifier --device cuda")
     c.add_argument('--out', required=True, metavar='DIR', help="output folder (classifier.pt, run.json)")
-    c.add_argument('--modulator-width', type=_int_at_least(1), metavar='N', help="channels of the modulator's two 3x3 "
-                   "convolutions (default: the preset's, 1024 for voc); smaller only for quick tests of the VOC path")
+    c.add_argument('--modulator-width', type=_int_at_least(1, 8192), metavar='N', help="channels of the modulator's two 3x3 "
+                   "convolutions, at most 8192 (default: the preset's, 1024 for voc); smaller only for quick tests of the VOC path")
 
     classifier = ('--classifier', "a train-classifier output folder")
     m = _stage_command(add, 'mine', [data, run], "Stage 1: Algorithm 1, object-adaptive region mining with the multi-scale "
@@ -191,7 +191,7 @@ def _label_commands(add, quiet, data, train, run):
     q.add_argument('--saliency-threshold', type=_fraction, default=32 / 255, metavar='T', help="saliency below this is "
                    "not salient (default 32/255, SeeNet's); salient-but-not-mined and mined-but-not-salient pixels are ignored (255)")
     q.add_argument('--crf', action='store_true', help="refine with the dense CRF (DeepLab's parameters)")
-    q.add_argument('--workers', type=_int_at_least(0), default=0, metavar='N', help="processes for the CRF (default 0: this one)")
+    q.add_argument('--workers', type=_int_at_least(0, 64), default=0, metavar='N', help="processes for the CRF, at most 64 (default 0: this one)")
     q.add_argument('--voc-root', metavar='DIR', help="VOC data root, if it moved since mining")
     q.add_argument('--sbd-root', metavar='DIR', help="SBD root, if it moved since mining")
 
@@ -217,7 +217,7 @@ def _label_commands(add, quiet, data, train, run):
                    "0.75, 1, 1.25 and their flips (not in the paper)")
     e.add_argument('--n-val', type=_int_at_least(1), default=N_VAL_SYNTHETIC, metavar='N',
                    help=f"synthetic validation images (default {N_VAL_SYNTHETIC})")
-    e.add_argument('--workers', type=_int_at_least(0), default=0, metavar='N', help="processes for the CRF (default 0: this one)")
+    e.add_argument('--workers', type=_int_at_least(0, 64), default=0, metavar='N', help="processes for the CRF, at most 64 (default 0: this one)")
     e.add_argument('--out', required=True, metavar='DIR', help="output folder for eval_<split>.json (not the --seg "
                    "folder: every stage writes its own)")
     e.add_argument('--force', action='store_true', help="replace eval_<split>.json in --out instead of refusing it")
@@ -344,7 +344,7 @@ def cmd_train_classifier(args, argv=()):
     else: ds, fp = stage_dataset(spec)
     now = dict(config=asdict(cfg), data_fingerprint=fp, inputs={})
     if state != 'new':
-        check_resume(out, dict(now, input_size=input_size), ignore=(may_change := ('epochs', 'num_workers', 'weights_path')))
+        check_resume(out, dict(now, input_size=input_size), ignore=(may_change := ('epochs', 'weights_path')))   # workers: their seeds shape the batches
         if (out/CHECKPOINT_NAME).is_file(): try_resume(out/CHECKPOINT_NAME, 'train-classifier', classifier_restore(cfg, ds),
                                                           planned=('--epochs', cfg.epochs, lambda ck: ck['epoch']), made_from=(now, may_change))
     write_run(out, 'train-classifier', argv, preset, spec, input_size, seed=seed, finished=False, **now)
@@ -678,7 +678,8 @@ def main(argv=None):
     try:
         if launched(): _join_ranks(args)
         locked = getattr(args, 'out', None) is not None and is_main()
-        with out_lock(args.out, args.command) if locked else contextlib.nullcontext(), terminate_as_interrupt():
+        with out_lock(args.out, args.command) if locked else contextlib.nullcontext(), terminate_as_interrupt(), \
+             guarded_stdout(args.command):
             _HANDLERS[args.command](args, argv)
     except BaseException as e:
         take_back()

@@ -28,7 +28,7 @@ from .metrics import confusion_matrix, miou
 from .runtime import say
 from .segmentation import SegConfig
 from .pipeline import (make_synthetic, prepare_inputs, run_erasing, run_methods, all_pseudo_masks,
-                                 train_and_score)
+                                 train_and_score, check_synthetic_memory)
 
 # %% ../nbs/09_demo.ipynb #fd4bf561
 METHODS, CUES = ('cam', 'fixed_erasing', 'multiminer'), ('threshold', 'crf', 'saliency')
@@ -103,6 +103,7 @@ def check_demo_args(out='runs/demo', seed=0, n_images=400, n_classes=4, image_si
     _int('seed', seed, 0); _int('n_images', n_images, 16); _int('n_classes', n_classes, 2, 20)
     _int('image_size', image_size, 32, 512)
     if image_size % 8: raise ValueError(f"--image-size must be a multiple of 8 (the extractors' output stride), got {image_size}")
+    check_synthetic_memory(dict(kind='scenes', n_images=n_images, image_size=image_size))
     dev = str(device)
     if not (dev == 'cpu' or dev.startswith('cuda')): raise ValueError(f"--device must be 'cpu' or 'cuda[:i]', got {device!r}")
     if dev.startswith('cuda') and not torch.cuda.is_available(): raise ValueError(f"--device {device}: CUDA is not available on this machine")

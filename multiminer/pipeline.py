@@ -416,10 +416,7 @@ def pseudo_mask_jobs(get, result, labels, names, gts, bg_threshold, saliency=Non
     "The arguments of `image_pseudo_mask` for each image (`get(i)`: its image and ground truth, which goes into `gts`); the saliency maps read from the folder `saliency`, a damaged one named."
     for i in range(len(names)):
         image, gt = get(i); gts.append(gt)
-        try: sal = None if saliency is None else load_saliency(saliency, [names[i]], size=tuple(image.shape[-2:]))[0]
-        except (OSError, ValueError) as e:
-            raise UserError(f"the saliency map {Path(saliency)/names[i]}.png cannot be read ({' '.join(str(e).split())[:160]}): "
-                            f"replace it with an intact grey-scale PNG") from None
+        sal = None if saliency is None else load_saliency(saliency, [names[i]], size=tuple(image.shape[-2:]))[0]   # a damaged map named
         yield image, image_strength(result, i), labels[i], bg_threshold, sal, saliency_threshold, crf
 
 # %% ../nbs/08a_pipeline.ipynb #a8bd9a90

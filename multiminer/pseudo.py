@@ -128,7 +128,10 @@ def load_saliency(folder,          # folder of grey-scale PNGs, one per image, n
                                 f"first: {folder / (missing[0] + '.png')}")
     maps = []
     for n in names:
-        m = torch.from_numpy(np.asarray(Image.open(folder / f"{n}.png").convert('L'), dtype=np.float32) / 255)
+        try: m = torch.from_numpy(np.asarray(Image.open(folder / f"{n}.png").convert('L'), dtype=np.float32) / 255)
+        except (OSError, ValueError) as e:      # truncated, damaged, not a picture
+            raise ValueError(f"the saliency map {folder / f'{n}.png'} cannot be read ({' '.join(str(e).split())[:160]}): "
+                             f"replace it with an intact grey-scale PNG") from None
         if size is not None: m = _upsample(m[None, None], size)[0, 0]
         maps.append(m)
     shapes = sorted({tuple(m.shape) for m in maps})

@@ -13,7 +13,8 @@ __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'RE
            'put_back', 'inputs_changed', 'write_run', 'lock_path', 'out_lock', 'data_fingerprint', 'show_value',
            'differences', 'take_back', 'changed_outputs', 'require_upstream', 'check_same_data', 'prepare_out',
            'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'Terminated',
-           'terminate_as_interrupt', 'signals_deferred', 'start_workers', 'available_memory']
+           'terminate_as_interrupt', 'signals_deferred', 'start_workers', 'leave_signals_to_main', 'guarded_stdout',
+           'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
 import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, signal, socket, sys
@@ -47,7 +48,13 @@ def launched() -> bool:
     "Whether `torchrun` started this process as one of several (it sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR)."
     n = os.environ.get('WORLD_SIZE', '1')
     if not n.strip().isdigit(): raise UserError(f"WORLD_SIZE={n!r} in the environment is not a number of processes (torchrun sets it); unset it")
-    return int(n) > 1
+    if int(n) <= 1: return False
+    for var in ('RANK', 'LOCAL_RANK', 'MASTER_PORT'):
+        if not os.environ.get(var, '0').strip().isdigit():
+            raise UserError(f"{var}={os.environ[var]!r} in the environment is not a number (torchrun sets it); start the command with torchrun")
+    if int(os.environ.get('RANK', '0')) >= int(n):
+        raise UserError(f"RANK={os.environ['RANK']} is not below WORLD_SIZE={n}: no such process of the group; start the command with torchrun")
+    return True
 
 def init_distributed(device='cpu') -> torch.device:
     "Join the process group `torchrun` describes: NCCL when `device` is CUDA (one GPU per local rank), gloo on CPU. Returns this rank's device; a plain run returns `device`."
@@ -815,8 +822,43 @@ def signals_deferred():
         if noted: signal.raise_signal(noted[0])
 
 def start_workers(loader):
-    "`iter(loader)`, its worker processes started with signals deferred (a Ctrl-C during their fork would be lost)."
+    "`iter(loader)`, its worker processes started with signals deferred (a Ctrl-C during their fork would be lost). One number is drawn from the loader's generator first, as a progress bar wrapped around the loader itself does (it makes an iterator of its own), which keeps the batches every figure in these pages was measured with."
+    if loader.generator is not None: torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
     with signals_deferred(): return iter(loader)
+
+# %% ../nbs/00a_runtime.ipynb #271d6f7b
+def leave_signals_to_main(worker_id=None):
+    "A DataLoader's `worker_init_fn`: the worker ignores Ctrl-C and SIGTERM, which a terminal or a scheduler sends to every process of the command; the main process stops its workers."
+    for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)
+
+# %% ../nbs/00a_runtime.ipynb #3a920b8b
+class _Stdout:
+    "`sys.stdout` that, when a write fails, says so once on stderr and drops what follows."
+    def __init__(self, stream, command): self._stream, self._command, self._lost = stream, command, False
+    def write(self, s):
+        if not self._lost:
+            try: return self._stream.write(s)
+            except OSError as e: self._lose(e)
+        return len(s)
+    def flush(self):
+        if not self._lost:
+            try: self._stream.flush()
+            except OSError as e: self._lose(e)
+    def _lose(self, e):
+        self._lost = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):   # what is still buffered goes nowhere, even at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        print(f"multiminer {self._command}: cannot write the standard output ({e.strerror or e}); the run goes on without "
+              f"its messages", file=sys.stderr)
+    def __getattr__(self, name): return getattr(self._stream, name)
+
+@contextlib.contextmanager
+def guarded_stdout(command:str):
+    "While the block runs, a failed write to the standard output is reported once and the run goes on without it."
+    before = sys.stdout
+    sys.stdout = _Stdout(before, command)
+    try: yield
+    finally: sys.stdout = before
 
 # %% ../nbs/00a_runtime.ipynb #f65079bc
 def available_memory() -> int:

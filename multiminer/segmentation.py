@@ -19,9 +19,9 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .models import SmallExtractor, count_parameters, imagenet_state_dict, load_checkpoint
+from .models import SmallExtractor, count_parameters, imagenet_state_dict, load_checkpoint, load_imagenet
 from .runtime import (ShardedBatchSampler, all_sum, atomic_path, atomic_save, barrier, ddp, global_batch_layers,
-                                global_mean, is_main, kept_rng, diverged, non_finite, ordered_map, progress_bar, resume_from,
+                                global_mean, is_main, kept_rng, diverged, leave_signals_to_main, non_finite, ordered_map, progress_bar, resume_from,
                                 save_checkpoint, say, start_workers, tensors_sha256, world_size)
 from .metrics import confusion_matrix, miou
 from .pseudo import dense_crf
@@ -94,7 +94,7 @@ class DeepLabLargeFOV(_LargeFOV):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu'); nn.init.zeros_(m.bias)
         nn.init.normal_(self.fc8.weight, std=0.01)
-        if sd is not None: self.features.load_state_dict(_vgg_features_state_dict(sd), strict=True)
+        if sd is not None: load_imagenet(self.features, _vgg_features_state_dict(sd), weights_path, 'VGG-16', prefix='features.')
 
 # %% ../nbs/08_segmentation.ipynb #9bbbdf39
 class DeepLabResNet101(nn.Module):
@@ -111,7 +111,7 @@ class DeepLabResNet101(nn.Module):
         self.backbone = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
         self.backbone.fc = nn.Identity()     # no parameters: the ImageNet classifier is dropped
         if sd is not None:
-            self.backbone.load_state_dict({k: v for k, v in sd.items() if not k.startswith('fc.')}, strict=True)
+            load_imagenet(self.backbone, {k: v for k, v in sd.items() if not k.startswith('fc.')}, weights_path, 'ResNet-101')
         self.aspp = nn.ModuleList(nn.Conv2d(2048, n_classes, 3, padding=r, dilation=r) for r in rates)
         for c in self.aspp: nn.init.normal_(c.weight, std=0.01); nn.init.zeros_(c.bias)
         if freeze_bn:
@@ -336,7 +336,8 @@ def _seg_epoch(net, opt, scaler, pairs, cfg, epoch, bs, total, device, use_amp, 
     order = torch.randperm(len(pairs), generator=g).tolist()
     batches = ShardedBatchSampler(torch.utils.data.BatchSampler(order, bs, drop_last=True))   # each rank: its share
     loader = torch.utils.data.DataLoader(_Augmented(pairs, cfg, epoch), batch_sampler=batches,
-                                         num_workers=cfg.num_workers, generator=g, pin_memory=device.type == 'cuda')
+                                         num_workers=cfg.num_workers, generator=g, pin_memory=device.type == 'cuda',
+                                         worker_init_fn=leave_signals_to_main)
     run_loss = 0.
     for j, (x, y) in enumerate(progress_bar(start_workers(loader), f'epoch {epoch + 1}/{cfg.epochs}', len(loader), disable=not progress,
                                             leave=False, unit='batch')):

@@ -455,3 +455,40 @@ def test_a_disk_full_at_the_first_record_names_the_file_and_leaves_no_folder(tmp
     with mock.patch.object(Path, 'write_text', full):
         refused([f"cannot write {tmp_path/'o'/'run.json'}: No space left"], 'train-classifier', *SYN, '--out', tmp_path/'o')
     assert not (tmp_path/'o').exists()
+
+
+@pytest.mark.parametrize('command', ['demo', 'table2', 'fig6'])
+def test_the_experiments_refuse_more_images_than_memory_holds(tmp_path, command):
+    "As the stages do: the images and masks of --n-images must fit in memory, checked before anything is allocated."
+    refused(['--n-images 100000000', 'more than the'], command, '--out', tmp_path/'o', '--n-images', 100_000_000,
+            '--image-size', 32)
+    assert not (tmp_path/'o').exists()
+
+
+def test_mine_names_a_truncated_saliency_map(tmp_path, clf):
+    _saliency(tmp_path/'s', 16, 32)
+    p = tmp_path/'s'/'000002.png'; p.write_bytes(p.read_bytes()[:60])
+    refused([f'the saliency map {p} cannot be read'], 'mine', '--classifier', clf/'c', '--out', tmp_path/'m', '--saliency', tmp_path/'s')
+
+
+@pytest.mark.parametrize('option, value', [('--workers', 65), ('--modulator-width', 100_000)])
+def test_process_and_width_options_have_a_ceiling(tmp_path, option, value):
+    "300 workers for 16 images took 12 times as long, 100000 hung; a modulator a million channels wide needs terabytes."
+    code, _, err = run_cli('train-classifier', *SYN, option, value, '--out', tmp_path/'o')
+    assert code == 2 and f'{option}: must be an integer in' in err and not (tmp_path/'o').exists()
+
+
+@pytest.mark.parametrize('env, needle', [(dict(MASTER_PORT='abc'), "MASTER_PORT='abc'"), (dict(RANK='abc'), "RANK='abc'"),
+                                         (dict(RANK='7'), 'RANK=7 is not below WORLD_SIZE=2')])
+def test_a_torchrun_environment_that_cannot_be_is_named(tmp_path, env, needle):
+    "A rank at or above the world size waited at the rendezvous forever; a port or rank that is no number named nothing."
+    full = {**dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='29534'), **env}
+    with mock.patch.dict(os.environ, full):
+        refused([needle], 'train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'o')
+
+
+def test_resuming_a_classifier_with_other_workers_names_them(tmp_path):
+    "The workers' random streams shape a classifier's batches: --resume with another --workers is refused, naming it."
+    ok('train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'c', '--workers', 0)
+    refused(['config.num_workers: 0 then, 1 now'], 'train-classifier', *SYN, '--epochs', 2, '--out', tmp_path/'c',
+            '--workers', 1, '--resume')

@@ -8,7 +8,7 @@ import torch
 
 from multiminer import cli
 from multiminer.data import make_voc_fixture, voc_dataset
-from multiminer.runtime import lock_path
+from multiminer.runtime import lock_path, read_run
 from cli_helpers import run_cli, ok, _one_thread  # noqa: F401  (the fixture)
 
 SHAPES = ('--data', 'shapes', '--n-images', 16, '--image-size', 32)
@@ -223,3 +223,36 @@ def test_processes_forked_while_signals_are_deferred_can_be_stopped():
     with signals_deferred(): pool = mp.get_context('fork').Pool(1)
     try: assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally: pool.terminate()                  # it waited forever for a worker that only noted the SIGTERM
+
+
+def _cli(args, **kw):
+    return subprocess.Popen([sys.executable, '-m', 'multiminer', *map(str, args)], text=True,
+                            env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)}, **kw)
+
+
+def test_a_kill_of_the_whole_job_with_dataloader_workers(tmp_path):
+    "A scheduler's SIGTERM to every process of the job: the workers leave it to the main process, which ends with one line."
+    out = tmp_path/'c'
+    p = _cli(['train-classifier', *SHAPES, '--epochs', 200, '--workers', 2, '--out', out], stderr=subprocess.PIPE,
+             start_new_session=True)
+    for _ in range(600):
+        if (out/'classifier.pt').is_file(): break
+        time.sleep(0.05)
+    time.sleep(0.5); os.killpg(p.pid, signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143 and 'Traceback' not in err and 'Exception ignored' not in err, err
+    assert 'interrupted; what was done so far is saved in' in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize('where', ['closed pipe', '/dev/full'])
+def test_losing_the_standard_output_loses_nothing_else(tmp_path, where):
+    "A pipe into `head` that has read its line, or a redirection to a full disk: one note on stderr, and the run finishes."
+    args = ['train-classifier', *SHAPES, '--epochs', 3, '--out', tmp_path/'c']
+    if where == 'closed pipe':
+        p = _cli(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.readline(); p.stdout.close()          # what `| head -1` does
+        err = p.communicate(timeout=120)[1]
+    else:
+        with open('/dev/full', 'w') as full: p = _cli(args, stdout=full, stderr=subprocess.PIPE); err = p.communicate(timeout=120)[1]
+    assert p.returncode == 0 and 'Traceback' not in err and 'Exception ignored' not in err, err
+    assert 'cannot write the standard output' in err and read_run(tmp_path/'c')['finished'] is True
