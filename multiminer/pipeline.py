@@ -557,10 +557,12 @@ def write_test_predictions(model, ds, folder, crf=False, workers=0, scales=(1.0,
 def write_evaluation(out, result_file, res, argv, preset, spec, input_size, seed):
     "Write `res` to `result_file`, then `out`/run.json with the hashes of every `eval_*.json` and of the test predictions beside them; when run.json cannot be written (a full disk), a folder that had none is left without the result and the predictions too, as it was found."
     fresh = not (Path(out)/RUN_FILE).exists()
-    write_json(result_file, res)
-    outputs = {p.name: file_sha256(p) for p in sorted(out.glob('eval_*.json'))}
-    if (out/VOC_TEST_RESULTS).is_dir(): outputs[VOC_TEST_RESULTS] = tree_sha256(out/VOC_TEST_RESULTS)
-    try: write_run(out, 'evaluate', argv, preset, spec, input_size, seed=seed, finished=True, inputs=res['inputs'], outputs=outputs)
+    try:
+        if fresh: write_run(out, 'evaluate', argv, preset, spec, input_size, seed=seed, finished=False, inputs=res['inputs'])   # a kill now leaves a folder --force takes
+        write_json(result_file, res)
+        outputs = {p.name: file_sha256(p) for p in sorted(out.glob('eval_*.json'))}
+        if (out/VOC_TEST_RESULTS).is_dir(): outputs[VOC_TEST_RESULTS] = tree_sha256(out/VOC_TEST_RESULTS)
+        write_run(out, 'evaluate', argv, preset, spec, input_size, seed=seed, finished=True, inputs=res['inputs'], outputs=outputs)
     except BaseException:
         if fresh:        # the folder was empty: what this command wrote goes
             Path(result_file).unlink(missing_ok=True)

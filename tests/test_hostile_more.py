@@ -492,3 +492,17 @@ def test_resuming_a_classifier_with_other_workers_names_them(tmp_path):
     ok('train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'c', '--workers', 0)
     refused(['config.num_workers: 0 then, 1 now'], 'train-classifier', *SYN, '--epochs', 2, '--out', tmp_path/'c',
             '--workers', 1, '--resume')
+
+
+def test_evaluate_killed_between_its_result_and_its_record(tmp_path, clf):
+    "A kill after the result file is written, before run.json: the folder says which run it holds, and --force redoes it."
+    import subprocess, sys
+    ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    ok('train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1)
+    code = ("import os, multiminer.pipeline as p\nreal = p.write_json\n"
+            "def write_json(path, obj):\n    real(path, obj)\n    if path.name.startswith('eval_'): os._exit(9)\n"
+            f"p.write_json = write_json\nfrom multiminer.cli import main\nmain(['evaluate', '--seg', {str(tmp_path/'s')!r}, '--out', {str(tmp_path/'e')!r}, '--quiet'])")
+    r = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)})
+    assert r.returncode == 9 and (tmp_path/'e'/'eval_val.json').is_file() and read_run(tmp_path/'e')['finished'] is False
+    ok('evaluate', '--seg', tmp_path/'s', '--out', tmp_path/'e', '--force')
+    assert read_run(tmp_path/'e')['finished'] is True
