@@ -129,6 +129,7 @@ def _check_state_dict(sd, path, finite=True, expected=''):
                                f"values of {v.numel()}; trained weights are finite, so the file is damaged or no trained "
                                f"checkpoint{expected}")
 
+# %% ../nbs/02_models.ipynb #0283e59f
 def _misfit(own, sd, who, prefix):
     "Why the state dict `sd` does not fit a module whose own state dict is `own`: its first missing, misshapen or extra tensor."
     if not sd: return "it holds no tensors (an empty state dict)"
@@ -156,6 +157,7 @@ def load_imagenet(module, sd, path, who='model', prefix=''):
         why = _misfit(module.state_dict(), sd, who, prefix) or ' '.join(str(e).split())[:300]
         raise WeightsError(f"{_weights_file(path)} is not a {who} ImageNet checkpoint: {why}") from e
 
+# %% ../nbs/02_models.ipynb #89b73d5e
 def imagenet_state_dict(weights, weights_path=None, who='model', progress=True):
     "State dict of torchvision `weights` (a WeightsEnum member) or of the local file `weights_path` (checked: a `WeightsError` if it holds no state dict or NaN); a clear error offline."
     fname = weights.url.rsplit('/', 1)[-1]
