@@ -16,7 +16,7 @@ from . import __version__
 from .runtime import (DATA_KINDS, NEW_OUTS, PRESETS, SEED_MAX, UserError, absolute_path, atomic_path, check_device,
                                 check_resume, check_same_data, data_fingerprint, EXTENDED_OUTS, file_sha256, init_distributed,
                                 interrupted_message, is_main, launched, os_error_message, out_lock, output_sha256, Terminated,
-                                prepare_out, experiment_run, require_upstream, say, take_back, terminate_as_interrupt, guarded_stdout, tree_sha256, write_json,
+                                prepare_out, experiment_run, require_upstream, say, take_back, terminate_as_interrupt, guarded_stdout, changed_note, tree_sha256, write_json,
                                 write_run)
 from .data import VOCTestImages, PseudoMaskDataset, VOC_CLASSES, voc_transforms
 from .classifier import CHECKPOINT_NAME, ClassifierConfig, freeze, load_classifier, train_classifier
@@ -682,13 +682,13 @@ def main(argv=None):
              guarded_stdout(args.command):
             _HANDLERS[args.command](args, argv)
     except BaseException as e:
-        take_back()
+        note = changed_note(getattr(args, 'out', None)) if isinstance(e, Exception) else ''; take_back()   # before take_back clears a new folder
         if isinstance(e, KeyboardInterrupt):
             print(f"multiminer {args.command}: {interrupted_message(args.command, getattr(args, 'out', None))}", file=sys.stderr); raise SystemExit(128 + e.signum if isinstance(e, Terminated) else 130)
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            print(f"multiminer {args.command}: error: {os_error_message(e)}", file=sys.stderr); raise SystemExit(2)
+            print(f"multiminer {args.command}: error: {os_error_message(e)}{note}", file=sys.stderr); raise SystemExit(2)
         if not isinstance(e, Exception) or not _user_error(e): raise
-        print(f"multiminer {args.command}: error: {_message(e)}", file=sys.stderr)
+        print(f"multiminer {args.command}: error: {_message(e)}{note}", file=sys.stderr)
         raise SystemExit(2)
     finally:
         if torch.distributed.is_initialized() and launched(): torch.distributed.destroy_process_group()

@@ -12,7 +12,7 @@ __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'RE
            'UserError', 'check_device', 'diverged', 'read_run', 'write_json', 'absolute_path', 'keep_finished',
            'put_back', 'inputs_changed', 'write_run', 'lock_path', 'out_lock', 'data_fingerprint', 'show_value',
            'differences', 'take_back', 'changed_outputs', 'require_upstream', 'check_same_data', 'prepare_out',
-           'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'Terminated',
+           'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'changed_note', 'Terminated',
            'terminate_as_interrupt', 'signals_deferred', 'start_workers', 'leave_signals_to_main', 'guarded_stdout',
            'available_memory']
 
@@ -779,6 +779,13 @@ def interrupted_message(command:str, out=None) -> str:
 def os_error_message(e:OSError) -> str:
     "An OSError on a file a command writes, as the path and the reason."
     return f"cannot write {e.filename}: {e.strerror or e}" if e.filename else str(e)
+
+def changed_note(out) -> str:
+    "After a failure: a note naming a folder the unfinished run in `out` read that changed while it ran (another command replaced it, the likely cause); '' when none did."
+    try: rec = read_run(out) if out is not None else {}
+    except UserError: return ''
+    if rec.get('finished') is not False or not (changed := inputs_changed(rec.get('inputs') or {})): return ''
+    return f" ({changed[0]} changed while the command ran: another command replaced it, which is the likely cause)"
 
 # %% ../nbs/00a_runtime.ipynb #8d08b52f
 class Terminated(KeyboardInterrupt):

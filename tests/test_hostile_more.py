@@ -506,3 +506,16 @@ def test_evaluate_killed_between_its_result_and_its_record(tmp_path, clf):
     assert r.returncode == 9 and (tmp_path/'e'/'eval_val.json').is_file() and read_run(tmp_path/'e')['finished'] is False
     ok('evaluate', '--seg', tmp_path/'s', '--out', tmp_path/'e', '--force')
     assert read_run(tmp_path/'e')['finished'] is True
+
+
+def test_a_failure_after_an_input_was_replaced_names_the_input(tmp_path, clf):
+    "A mask that vanished mid-run reads as a damaged file; the message adds that the --pseudo folder changed meanwhile."
+    ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p')
+    def replaced_then_fails(*a, **kw):      # another process's pseudo-labels --force, then a mask read fails
+        with mock.patch.object(cli, 'NEW_OUTS', []):
+            ok('pseudo-labels', '--mining', clf/'m', '--out', tmp_path/'p', '--force', '--bg-threshold', 0.05)
+        raise ValueError(f"cannot read the mask {tmp_path/'p'/'masks'/'x.png'}: the file is damaged or truncated")
+    with mock.patch.object(cli, 'train_segmentation', replaced_then_fails):
+        refused(['damaged', f"--pseudo {tmp_path/'p'/'pseudo_masks.pt'} changed while the command ran"],
+                'train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1)
+    assert not (tmp_path/'s').exists()          # the new folder was taken back, after the note was made
