@@ -412,9 +412,9 @@ def keep_finished(out) -> bool:
 
 def put_back(out, restore:bool):
     "The run.json `keep_finished` kept: back in place if `restore` (a rename, which needs no disk space), else removed."
-    k = Path(out)/KEPT_RUN
-    if restore and k.exists(): os.replace(k, Path(out)/RUN_FILE)
-    else: k.unlink(missing_ok=True)
+    k, run = Path(out)/KEPT_RUN, Path(out)/RUN_FILE
+    if restore and k.exists() and not (run.exists() and os.path.samefile(k, run)): os.replace(k, run)
+    else: k.unlink(missing_ok=True)     # (a rename onto the same file would leave both names)
 
 def inputs_changed(inputs:dict) -> list:
     "The files of a run's `inputs` ({name: {folder, files: {file, folder or glob: sha256}}}) that no longer hold what was recorded."
@@ -580,13 +580,20 @@ def differences(then: dict, now: dict, ignore=()) -> list:
 # %% ../nbs/00a_runtime.ipynb #83609035
 STAGE_FILES = {'train-classifier': ('classifier.pt',),
                'mine': ('mining_result.pt', 'mining_state.pt', 'summary.json', 'snapshots', 'fig_miou_by_steps.png', 'features'),
-               'erase': ('mining_result.pt', 'summary.json'),
+               'erase': ('mining_result.pt', 'summary.json', 'features'),
                'pseudo-labels': ('pseudo_masks.pt', 'masks', 'masks.partial', 'summary.json'),
                'train-seg': ('model.pt', 'checkpoint.pt', 'history.json'), 'evaluate': ()}
 _STAGE_NAMES = {n for names in STAGE_FILES.values() for n in names if not n.startswith('fig_')}   # what only a stage writes
 RESUMABLE = ('train-classifier', 'mine', 'train-seg')
 _READS = {'train-classifier': ('classifier.pt',), 'mine': ('mining_result.pt',), 'erase': ('mining_result.pt',),
           'train-seg': ('model.pt',)}    # what the next stage reads (pseudo-labels: masks/ or pseudo_masks.pt)
+def _nested_run(out, folders):
+    "The first run.json or lock file inside `folders` of `out`: another run, which emptying them would delete; None."
+    runs = (p for d in folders if d.is_dir() and not d.is_symlink() for p in d.rglob('*') if p.name == RUN_FILE or p.name.endswith('.lock'))
+    if (p := next(runs, None)) is not None:
+        raise UserError(f"--out {out}: {p} belongs to another run inside {Path(out)/p.relative_to(out).parts[0]}, which --force "
+                        f"would delete: move that run elsewhere first")
+
 NEW_OUTS = []     # --out folders this command found empty: a failure before they hold more than run.json empties them again
 EXTENDED_OUTS = []   # (--out, its run.json) of finished runs this command goes on with (--resume with more epochs or steps)
 
@@ -698,10 +705,7 @@ def prepare_out(out, stage, resume=False, force=False, inputs=()) -> str:
                        f"stage's folder; choose another --out")
     state = 'finished' if rec.get('finished') is True else 'unfinished'
     if force:                            # emptied when the new run starts (`write_run`), once every check has passed
-        for p in (p for name in STAGE_FILES[stage] if (out/name).is_dir() for p in (out/name).rglob('*')):
-            if p.name == RUN_FILE or p.name.endswith('.lock'):
-                raise UserError(f"--out {out}: {p} belongs to another run inside {out/p.relative_to(out).parts[0]}, which "
-                                f"--force would delete: move that run elsewhere first")
+        _nested_run(out, [out/name for name in STAGE_FILES[stage]])
         REPLACED[absolute_path(out)] = STAGE_FILES[stage] + (RUN_FILE, KEPT_RUN)
         NEW_OUTS.append(out); return 'new'
     if not resume:
@@ -746,6 +750,7 @@ def experiment_run(out, command:str, argv, config:dict, marker:str, resume=False
             what = f"the output of `multiminer {rec.get('stage')}`" if rec else f"files but no {RUN_FILE}"
             raise UserError(f"--out {out} holds {what}, not a `multiminer {command}` run: choose a new or empty folder")
         if force:
+            _nested_run(out, [p for pat in EXPERIMENT_FILES for p in out.glob(pat)])
             for p in (p for pat in EXPERIMENT_FILES for p in out.glob(pat)) if is_main() else ():
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif resume:
@@ -782,9 +787,11 @@ def os_error_message(e:OSError) -> str:
 
 def changed_note(out) -> str:
     "After a failure: a note naming a folder the unfinished run in `out` read that changed while it ran (another command replaced it, the likely cause); '' when none did."
-    try: rec = read_run(out) if out is not None else {}
-    except UserError: return ''
-    if rec.get('finished') is not False or not (changed := inputs_changed(rec.get('inputs') or {})): return ''
+    try:
+        rec = read_run(out) if out is not None else {}
+        changed = inputs_changed(rec.get('inputs') or {}) if rec.get('finished') is False else []
+    except (UserError, OSError): return ''             # nothing to tell (a name too long, a damaged record, a file unreadable)
+    if not changed: return ''
     return f" ({changed[0]} changed while the command ran: another command replaced it, which is the likely cause)"
 
 # %% ../nbs/00a_runtime.ipynb #8d08b52f
@@ -816,12 +823,12 @@ os.register_at_fork(after_in_child=_restore_handlers)
 
 @contextlib.contextmanager
 def signals_deferred():
-    "While the block runs, Ctrl-C and SIGTERM are only noted; afterwards the first one noted goes to the handler that was there before. Signals that are ignored stay ignored; processes forked meanwhile get the usual handlers; only the main thread receives signals, so elsewhere it changes nothing."
+    "While the block runs, Ctrl-C, SIGTERM and SIGHUP are only noted; afterwards the first one noted goes to the handler that was there before. Signals that are ignored stay ignored; processes forked meanwhile get the usual handlers; only the main thread receives signals, so elsewhere it changes nothing."
     if threading.current_thread() is not threading.main_thread() or _DEFERRED:
         yield; return
     noted = []
     def _note(signum, frame): noted.append(signum)
-    _DEFERRED.update({s: signal.signal(s, _note) for s in (signal.SIGINT, signal.SIGTERM)
+    _DEFERRED.update({s: signal.signal(s, _note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
                       if signal.getsignal(s) not in (signal.SIG_IGN, None)})
     try: yield
     finally:
@@ -835,8 +842,8 @@ def start_workers(loader):
 
 # %% ../nbs/00a_runtime.ipynb #271d6f7b
 def leave_signals_to_main(worker_id=None):
-    "A DataLoader's `worker_init_fn`: the worker ignores Ctrl-C and SIGTERM, which a terminal or a scheduler sends to every process of the command; the main process stops its workers."
-    for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)
+    "A DataLoader's `worker_init_fn`: the worker ignores Ctrl-C, SIGTERM and SIGHUP, which a terminal or a scheduler sends to every process of the command; the main process stops its workers."
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_IGN)
 
 # %% ../nbs/00a_runtime.ipynb #3a920b8b
 class _Stdout:
@@ -863,6 +870,8 @@ class _Stdout:
 def guarded_stdout(command:str):
     "While the block runs, a failed write to the standard output is reported once and the run goes on without it."
     before = sys.stdout
+    if before is None:                    # no standard output at all (`>&-`): print writes nothing, as it should
+        yield; return
     sys.stdout = _Stdout(before, command)
     try: yield
     finally: sys.stdout = before

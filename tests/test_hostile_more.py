@@ -519,3 +519,43 @@ def test_a_failure_after_an_input_was_replaced_names_the_input(tmp_path, clf):
         refused(['damaged', f"--pseudo {tmp_path/'p'/'pseudo_masks.pt'} changed while the command ran"],
                 'train-seg', '--pseudo', tmp_path/'p', '--out', tmp_path/'s', '--epochs', 1)
     assert not (tmp_path/'s').exists()          # the new folder was taken back, after the note was made
+
+
+def test_demo_force_never_deletes_a_run_inside_its_folder(tmp_path):
+    "A stage run someone put into a folder the demo owns (mining_*): demo --force refuses, naming it, and deletes nothing."
+    def fake_demo(out, **kw):
+        (Path(out)/'metrics.json').write_text('{"pseudo_miou": {}}'); return dict(pseudo_miou={})
+    args = ('demo', '--out', tmp_path/'d', '--n-images', 16, '--image-size', 32, '--no-crf', '--no-segmentation')
+    with mock.patch.object(cli, 'run_demo', fake_demo):
+        ok(*args)
+        ok('train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'d'/'mining_mine')
+        refused(['--force would delete', 'mining_mine'], *args, '--force')
+    assert (tmp_path/'d'/'mining_mine'/'classifier.pt').is_file() and (tmp_path/'d'/'metrics.json').is_file()
+
+
+def test_a_refused_resume_of_a_finished_run_leaves_no_second_name(tmp_path):
+    "The finished run.json kept while --resume runs is put back as it was: one name, the folder as found."
+    ok('train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'c')
+    before = sorted(p.name for p in (tmp_path/'c').iterdir())
+    refused(['config.batch_size'], 'train-classifier', *SYN, '--epochs', 1, '--out', tmp_path/'c', '--resume', '--batch-size', 4)
+    assert sorted(p.name for p in (tmp_path/'c').iterdir()) == before
+
+
+def test_no_standard_output_at_all(tmp_path):
+    "`>&-`: nothing to print to; the run goes on and finishes (print writes nothing, as Python's does)."
+    import subprocess, sys
+    r = subprocess.run([sys.executable, '-m', 'multiminer', 'train-classifier', *map(str, SYN), '--epochs', '1', '--out', str(tmp_path/'c')],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, close_fds=True,
+                       preexec_fn=lambda: os.close(1), env={**os.environ, 'PYTHONPATH': str(Path(cli.__file__).parent.parent)})
+    assert r.returncode == 0 and 'Traceback' not in r.stderr, r.stderr
+    assert read_run(tmp_path/'c')['finished'] is True
+
+
+def test_erase_force_clears_its_feature_cache(tmp_path):
+    "erase writes features/ on VOC data: --force clears it as it does mine's (a stale file stayed in the new run's folder)."
+    make_voc_fixture(tmp_path/'voc')
+    ok('train-classifier', *VOC, '--voc-root', tmp_path/'voc', '--epochs', 1, '--out', tmp_path/'c')
+    ok('erase', '--classifier', tmp_path/'c', '--out', tmp_path/'e')
+    (tmp_path/'e'/'features'/'features_99.npy').write_bytes(b'stale')
+    ok('erase', '--classifier', tmp_path/'c', '--out', tmp_path/'e', '--force')
+    assert not (tmp_path/'e'/'features'/'features_99.npy').exists() and read_run(tmp_path/'e')['finished'] is True
