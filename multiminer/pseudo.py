@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 from PIL import Image
-from .runtime import UserError, signals_deferred
+from .runtime import UserError, pool_worker_signals, signals_deferred
 
 # %% ../nbs/07_pseudo_labels.ipynb #4b8b3d8f
 def _hw(size, name='size'):
@@ -274,7 +274,7 @@ def crf_refine(images,                     # (N,3,H,W) float in [0,1] or uint8
     if workers > 0 and N > 1:   # forked processes; the jobs and their results are numpy only (torch is not fork-safe)
         import multiprocessing as mp
         with contextlib.ExitStack() as stack:   # Ctrl-C: the main process's; one during the fork is delivered after it
-            with signals_deferred(): pool = stack.enter_context(mp.get_context('fork').Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)))
+            with signals_deferred(): pool = stack.enter_context(mp.get_context('fork').Pool(workers, pool_worker_signals))
             res = list(pool.imap(_crf_one, jobs(), chunksize=max(1, min(chunk, N // (4 * workers)))))
     else: res = [_crf_one(j) for j in jobs()]
     return torch.from_numpy(np.stack(res)) if res else torch.zeros(0, H, W, dtype=torch.long)

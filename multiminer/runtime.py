@@ -7,14 +7,14 @@ __all__ = ['RUN_FILE', 'PRESETS', 'DATA_KINDS', 'SEED_MAX', 'RUN_MAX_BYTES', 'RE
            'NEW_OUTS', 'EXTENDED_OUTS', 'EXPERIMENT_FILES', 'world_size', 'rank', 'is_main', 'launched',
            'init_distributed', 'barrier', 'shard', 'all_sum', 'broadcast_', 'global_mean', 'ShardedBatchSampler', 'ddp',
            'unwrap', 'GlobalBatchNorm2d', 'GlobalDropout2d', 'global_batch_layers', 'gather_rows', 'progress_bar',
-           'say', 'ordered_map', 'atomic_path', 'atomic_save', 'rng_state', 'set_rng_state', 'kept_rng', 'file_sha256',
-           'tree_sha256', 'output_sha256', 'tensors_sha256', 'non_finite', 'save_checkpoint', 'resume_from',
-           'UserError', 'check_device', 'diverged', 'read_run', 'write_json', 'absolute_path', 'keep_finished',
-           'put_back', 'inputs_changed', 'write_run', 'lock_path', 'out_lock', 'data_fingerprint', 'show_value',
-           'differences', 'take_back', 'changed_outputs', 'require_upstream', 'check_same_data', 'prepare_out',
-           'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'changed_note', 'Terminated',
-           'terminate_as_interrupt', 'signals_deferred', 'start_workers', 'leave_signals_to_main', 'guarded_stdout',
-           'available_memory']
+           'say', 'pool_worker_signals', 'ordered_map', 'atomic_path', 'atomic_save', 'rng_state', 'set_rng_state',
+           'kept_rng', 'file_sha256', 'tree_sha256', 'output_sha256', 'tensors_sha256', 'non_finite', 'save_checkpoint',
+           'resume_from', 'UserError', 'check_device', 'diverged', 'read_run', 'write_json', 'absolute_path',
+           'keep_finished', 'put_back', 'inputs_changed', 'write_run', 'lock_path', 'out_lock', 'data_fingerprint',
+           'show_value', 'differences', 'take_back', 'changed_outputs', 'require_upstream', 'check_same_data',
+           'prepare_out', 'check_resume', 'experiment_run', 'interrupted_message', 'os_error_message', 'changed_note',
+           'Terminated', 'terminate_as_interrupt', 'signals_deferred', 'start_workers', 'leave_signals_to_main',
+           'guarded_stdout', 'available_memory']
 
 # %% ../nbs/00a_runtime.ipynb #b926a91f
 import collections, contextlib, errno, hashlib, json, math, multiprocessing, os, random, re, shutil, signal, socket, sys
@@ -193,12 +193,17 @@ def say(show:bool, *msg):
     if show and is_main(): print(*msg, flush=True)
 
 # %% ../nbs/00a_runtime.ipynb #134ac0c9
+def pool_worker_signals():
+    "A forked process pool's initializer: Ctrl-C and SIGHUP are left to the main process; SIGTERM, which the pool sends to stop its workers, ends one at once, quietly (the command's own handler, inherited through the fork, would print a traceback or keep it waiting)."
+    for s in (signal.SIGINT, signal.SIGHUP): signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 def ordered_map(fn, jobs, workers:int=0):
     "For every job of the iterable `jobs`, `fn(*job)`, yielded in order; in `workers` spawned processes when `workers` > 1 (at most twice `workers` jobs pending), else here. The workers ignore Ctrl-C, which a terminal sends to every process of the command: the main process stops them."
     if workers <= 1:
         for job in jobs: yield fn(*job)
         return
-    ignore_ctrl_c = dict(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))   # the main process handles it and stops the workers
+    ignore_ctrl_c = dict(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))   # spawned: SIGTERM is the default one
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'), **ignore_ctrl_c) as ex:
         pending = collections.deque()
         try:
