@@ -7,7 +7,7 @@ __all__ = ['SALIENCY_BG', 'SALIENCY_MODES', 'pseudo_masks', 'strongest_class', '
            'crf_refine', 'image_strength', 'image_pseudo_mask', 'check_saliency_folder']
 
 # %% ../nbs/07_pseudo_labels.ipynb #108d82c6
-import contextlib, signal
+import contextlib
 from pathlib import Path
 import numpy as np
 import torch
